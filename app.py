@@ -1,0 +1,406 @@
+"""The tasks API: an app factory, its one blueprint, and the local development entry point."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import click
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, url_for
+from flask_cors import CORS
+from sqlalchemy import Engine, Select, delete, exc as sa_exc, func, insert, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+import auth
+from auth import require_owner
+from errors import ApiError, error_response, register_error_handlers
+from models import Session, SchemaState, Task, UsersTable, make_engine, normalise_database_url, now_expression
+from validation import ListQuery, completed_field, list_query, parse_task_id, read_json_object, task_fields
+
+log = logging.getLogger("tasks_api")
+
+DEFAULTS: dict[str, Any] = {
+    "BETTER_AUTH_SECRET": None,
+    "DATABASE_URL": "sqlite:///tasks.db",
+    "CORS_ORIGINS": "http://localhost:3000",
+    "USERS_TABLE": None,
+    "JWT_AUDIENCE": None,
+    "JWT_ISSUER": None,
+    "DB_POOL_SIZE": 5,
+    "DB_MAX_OVERFLOW": 5,
+    "DB_POOL_TIMEOUT": 10,
+    "DB_CONNECT_TIMEOUT": 5,
+    "DB_IDLE_CHECK_SECONDS": 30,
+    "LOG_LEVEL": "INFO",
+    # Only `python app.py` sets this: it lets a missing secret fall back to auth.DEV_SECRET.
+    "ALLOW_DEV_SECRET": False,
+    "MAX_CONTENT_LENGTH": 64 * 1024,
+}
+INT_SETTINGS = ("DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT", "DB_CONNECT_TIMEOUT", "DB_IDLE_CHECK_SECONDS")
+ENV_SETTINGS = ("BETTER_AUTH_SECRET", "DATABASE_URL", "CORS_ORIGINS", "USERS_TABLE", "JWT_AUDIENCE",
+                "JWT_ISSUER", "LOG_LEVEL", *INT_SETTINGS)
+API_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+KNOWN_USERS_MAX = 100_000
+
+
+class JSONResponse(Response):
+    """Every response is JSON, the empty ones (204, preflight) included."""
+
+    default_mimetype = "application/json"
+
+
+@dataclass
+class AppState:
+    """What one app instance owns: its engine, its schema and the users it has registered."""
+
+    engine: Engine
+    schema: SchemaState
+    known_users: set[str] = field(default_factory=set)
+
+
+def load_config(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Defaults, then the environment, then the caller's mapping (tests)."""
+    config = dict(DEFAULTS)
+    for name in ENV_SETTINGS:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            config[name] = value
+    config.update(overrides or {})
+    for name in INT_SETTINGS:
+        try:
+            config[name] = int(config[name])
+        except (TypeError, ValueError):
+            raise RuntimeError(f"{name} must be a whole number, not {config[name]!r}.") from None
+    if not config["BETTER_AUTH_SECRET"]:
+        if not config["ALLOW_DEV_SECRET"]:
+            raise RuntimeError("BETTER_AUTH_SECRET is not set: set it to the secret your Better Auth "
+                               "frontend signs tokens with (see README).")
+        config["BETTER_AUTH_SECRET"] = auth.DEV_SECRET
+        config["USING_DEV_SECRET"] = True
+    return config
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the app: configuration, database, CORS, error handlers, routes."""
+    app = Flask(__name__)
+    app.response_class = JSONResponse
+    app.config.update(load_config(config))
+    _configure_logging(app.config["LOG_LEVEL"])
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json.ensure_ascii = False  # type: ignore[attr-defined]
+
+    if app.config.get("USING_DEV_SECRET"):
+        log.warning("Using the DEVELOPMENT secret: tokens are forgeable. Set BETTER_AUTH_SECRET for real use.")
+    elif len(app.config["BETTER_AUTH_SECRET"].encode()) < auth.MIN_SECRET_BYTES:
+        log.warning("BETTER_AUTH_SECRET is shorter than %d bytes; use a longer random secret.",
+                    auth.MIN_SECRET_BYTES)
+        # Said once here; PyJWT would otherwise repeat it on every request.
+        warnings.filterwarnings("ignore", category=auth.jwt.InsecureKeyLengthWarning)
+
+    engine = make_engine(
+        normalise_database_url(app.config["DATABASE_URL"]),
+        pool_size=app.config["DB_POOL_SIZE"],
+        max_overflow=app.config["DB_MAX_OVERFLOW"],
+        pool_timeout=app.config["DB_POOL_TIMEOUT"],
+        connect_timeout=app.config["DB_CONNECT_TIMEOUT"],
+        idle_check_seconds=app.config["DB_IDLE_CHECK_SECONDS"],
+    )
+    Session.configure(bind=engine)
+    state = AppState(engine=engine, schema=SchemaState(engine, app.config["USERS_TABLE"]))
+    app.extensions["tasks_api"] = state
+    try:
+        state.schema.ensure()
+    except sa_exc.OperationalError:
+        # Neon may still be waking up: serve anyway (503s) and create the schema on first use.
+        log.warning("database unreachable at startup; the schema will be created on first use")
+
+    origins = [origin.strip() for origin in app.config["CORS_ORIGINS"].split(",") if origin.strip()]
+    CORS(app, origins=origins, methods=API_METHODS, allow_headers=["Authorization", "Content-Type"],
+         expose_headers=["Location", "X-Total-Count"], max_age=600)
+    register_error_handlers(app)
+    app.register_blueprint(api)
+    app.add_url_rule("/health", view_func=health)
+    app.add_url_rule("/health/ready", view_func=health_ready)
+
+    @app.teardown_appcontext
+    def remove_session(_error: BaseException | None) -> None:
+        """Return the request's connection to the pool."""
+        Session.remove()
+
+    @app.cli.command("token")
+    @click.argument("user_id")
+    @click.option("--email", default=None, help="email claim to include")
+    @click.option("--name", default=None, help="name claim to include")
+    @click.option("--hours", default=24, show_default=True, help="lifetime of the token")
+    def token_command(user_id: str, email: str | None, name: str | None, hours: int) -> None:
+        """Print a token for USER_ID signed with the configured secret."""
+        click.echo(auth.issue_token(current_app.config["BETTER_AUTH_SECRET"], user_id, email=email,
+                                    name=name, lifetime_seconds=hours * 3600))
+
+    return app
+
+
+def _configure_logging(level: str) -> None:
+    """Log to stderr, once per process, unless the server (gunicorn.conf.py: stdout) set logging up."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+
+
+def _state() -> AppState:
+    return current_app.extensions["tasks_api"]
+
+
+def _users_table() -> UsersTable:
+    """The users table, creating the schema first if the database was down at startup."""
+    return _state().schema.ensure()
+
+
+# --- health ------------------------------------------------------------------------------------
+
+def health() -> Response:
+    """Liveness: the process answers; no database, no auth."""
+    return jsonify(status="ok")
+
+
+def health_ready() -> Response:
+    """Readiness: the database answers and the schema exists."""
+    state = _state()
+    try:
+        state.schema.ensure()
+        with state.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except (sa_exc.DBAPIError, sa_exc.TimeoutError):
+        log.warning("readiness check failed: the database did not answer")
+        return error_response(503, "The database is unavailable right now.", headers={"Retry-After": "5"})
+    return jsonify(status="ok")
+
+
+# --- the tasks API -----------------------------------------------------------------------------
+
+api = Blueprint("api", __name__, url_prefix="/api/<user_id>")
+
+
+def _owned_task(task_id: int, user_id: str) -> Any:
+    """The WHERE clause for one task of one user: the second lock behind require_owner."""
+    return (Task.id == task_id) & (Task.user_id == user_id)
+
+
+def _task_id_or_404(raw: str) -> int:
+    task_id = parse_task_id(raw)
+    if task_id is None:
+        raise _task_not_found()
+    return task_id
+
+
+def _task_not_found() -> ApiError:
+    # The same answer whether the task never existed or belongs to someone else.
+    return ApiError(404, "Task not found.")
+
+
+def _dialect() -> str:
+    return _state().engine.dialect.name
+
+
+def _ordered(statement: Select[Any], query: ListQuery) -> Select[Any]:
+    column = {"created": Task.created_at, "updated": Task.updated_at, "title": Task.title}[query.sort]
+    if query.descending:
+        return statement.order_by(column.desc(), Task.id.desc())
+    return statement.order_by(column.asc(), Task.id.asc())
+
+
+@api.get("/tasks")
+@require_owner
+def list_tasks(user_id: str) -> Response:
+    """List the user's tasks, filtered, sorted and optionally paged."""
+    query = list_query(request.args)
+    _users_table()
+    condition = Task.user_id == user_id
+    if query.status != "all":
+        condition = condition & (Task.completed == (query.status == "completed"))
+    if query.limit is None:
+        statement = _ordered(select(Task).where(condition), query)
+        if query.offset:
+            statement = statement.offset(query.offset)
+        tasks = Session.scalars(statement).all()
+        Session.commit()
+        return jsonify([task.to_dict() for task in tasks])
+
+    # The total rides along with the page as a window count: one statement, not two.
+    statement = _ordered(select(Task, func.count().over().label("total")).where(condition), query)
+    rows = Session.execute(statement.limit(query.limit).offset(query.offset)).all()
+    if rows:
+        total = rows[0].total
+    elif query.offset:
+        total = Session.scalar(select(func.count()).select_from(Task).where(condition))
+    else:
+        total = 0
+    Session.commit()
+    response = jsonify([row.Task.to_dict() for row in rows])
+    response.headers["X-Total-Count"] = str(total)
+    return response
+
+
+@api.post("/tasks")
+@require_owner
+def create_task(user_id: str) -> tuple[Response, int, dict[str, str]]:
+    """Create a task for the user."""
+    fields = task_fields(read_json_object(request, required=True), partial=False)
+    users = _users_table()
+    task = _insert_task(user_id, fields, users)
+    Session.commit()
+    location = url_for("api.get_task", user_id=user_id, task_id=task.id)
+    return jsonify(task.to_dict()), 201, {"Location": location}
+
+
+def _insert_task(user_id: str, fields: dict[str, Any], users: UsersTable) -> Task:
+    """Insert the task; register the user first when this service owns the users table."""
+    state = _state()
+    now = now_expression(_dialect(), for_update=False)
+    statement = insert(Task).values(user_id=user_id, completed=False, created_at=now, updated_at=now,
+                                    **fields).returning(Task)
+    for attempt in (1, 2):
+        if users.owned and user_id not in state.known_users:
+            _register_user(users, user_id)
+        try:
+            return Session.scalars(statement).one()
+        except sa_exc.IntegrityError as error:
+            Session.rollback()
+            if not _is_foreign_key_violation(error):
+                raise
+            if not users.owned:
+                raise ApiError(401, "Your account no longer exists; sign in again.",
+                               headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None
+            # Our own user row was deleted behind our back: register again, once.
+            state.known_users.discard(user_id)
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _register_user(users: UsersTable, user_id: str) -> None:
+    """Add the user to our own users table (no-op when present), from the token's claims."""
+    claims = g.claims
+    values = {
+        "id": user_id,
+        "email": claims.get("email") if isinstance(claims.get("email"), str) else None,
+        "name": claims.get("name") if isinstance(claims.get("name"), str) else None,
+        "created_at": now_expression(_dialect(), for_update=False),
+    }
+    dialect_insert = postgresql.insert if _dialect() == "postgresql" else sqlite.insert
+    Session.execute(dialect_insert(users.table).values(**values).on_conflict_do_nothing(index_elements=["id"]))
+    known = _state().known_users
+    if len(known) >= KNOWN_USERS_MAX:
+        known.clear()  # a bound on memory; forgetting only costs one idempotent insert per user
+    known.add(user_id)
+
+
+def _is_foreign_key_violation(error: sa_exc.IntegrityError) -> bool:
+    pgcode = getattr(error.orig, "pgcode", None)
+    return pgcode == "23503" or "FOREIGN KEY constraint failed" in str(error.orig)
+
+
+@api.get("/tasks/<task_id>")
+@require_owner
+def get_task(user_id: str, task_id: str) -> Response:
+    """Return one of the user's tasks."""
+    task_number = _task_id_or_404(task_id)
+    _users_table()
+    task = Session.scalars(select(Task).where(_owned_task(task_number, user_id))).one_or_none()
+    Session.commit()
+    if task is None:
+        raise _task_not_found()
+    return jsonify(task.to_dict())
+
+
+@api.route("/tasks/<task_id>", methods=["PUT", "PATCH"])
+@require_owner
+def update_task(user_id: str, task_id: str) -> Response:
+    """Change any non-empty subset of title, description and completed."""
+    task_number = _task_id_or_404(task_id)
+    fields = task_fields(read_json_object(request, required=True), partial=True)
+    return _update_and_respond(user_id, task_number, fields)
+
+
+@api.patch("/tasks/<task_id>/complete")
+@require_owner
+def toggle_task(user_id: str, task_id: str) -> Response:
+    """Flip completed, or set it to the body's {"completed": bool} so a retry is harmless."""
+    task_number = _task_id_or_404(task_id)
+    payload = read_json_object(request, required=False)
+    completed = ~Task.completed if payload is None else completed_field(payload)
+    return _update_and_respond(user_id, task_number, {"completed": completed})
+
+
+def _update_and_respond(user_id: str, task_id: int, values: dict[str, Any]) -> Response:
+    """One UPDATE ... RETURNING of the user's task, committed; 404 when it matched nothing."""
+    _users_table()
+    statement = (
+        update(Task)
+        .where(_owned_task(task_id, user_id))
+        .values(**values, updated_at=now_expression(_dialect(), for_update=True))
+        .returning(Task)
+        .execution_options(synchronize_session=False)
+    )
+    task = Session.scalars(statement).one_or_none()
+    Session.commit()
+    if task is None:
+        raise _task_not_found()
+    return jsonify(task.to_dict())
+
+
+@api.delete("/tasks/<task_id>")
+@require_owner
+def delete_task(user_id: str, task_id: str) -> tuple[str, int]:
+    """Delete one of the user's tasks."""
+    task_number = _task_id_or_404(task_id)
+    _users_table()
+    deleted = Session.execute(delete(Task).where(_owned_task(task_number, user_id)).returning(Task.id)).first()
+    Session.commit()
+    if deleted is None:
+        raise _task_not_found()
+    return "", 204
+
+
+# --- entry points ------------------------------------------------------------------------------
+
+def __getattr__(name: str) -> Flask:
+    """`app:app` for gunicorn and `flask --app app`, built on first access.
+
+    Lazily, so that importing create_app (tests, `python app.py`) never needs production settings.
+    """
+    if name != "app":
+        raise AttributeError(name)
+    application = create_app()
+    globals()["app"] = application
+    return application
+
+
+def main(argv: list[str]) -> None:
+    """`python app.py`: the local server on 127.0.0.1:8000; `python app.py token USER`: a token."""
+    application = create_app({"ALLOW_DEV_SECRET": True})
+    secret = application.config["BETTER_AUTH_SECRET"]
+    if argv[:1] == ["token"] and len(argv) == 2:
+        print(auth.issue_token(secret, argv[1], lifetime_seconds=24 * 3600))
+        return
+    port = int(os.environ.get("PORT", "8000"))
+    token = auth.issue_token(secret, "demo-user", name="Demo User", lifetime_seconds=24 * 3600)
+    base = f"http://127.0.0.1:{port}/api/demo-user/tasks"
+    header = shlex.quote(f"Authorization: Bearer {token}")
+    label = "DEVELOPMENT secret" if application.config.get("USING_DEV_SECRET") else "BETTER_AUTH_SECRET"
+    print(f"\nTasks API on http://127.0.0.1:{port} (database: {application.config['DATABASE_URL']})")
+    print(f"A token for user 'demo-user', signed with the {label}, valid 24 h. Try:\n")
+    print(f"  curl -s -H {header} -H 'Content-Type: application/json' \\\n"
+          f"       -d '{{\"title\": \"Buy milk\"}}' {base}\n")
+    print(f"  curl -s -H {header} {base}\n", flush=True)
+    application.run(host="127.0.0.1", port=port)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

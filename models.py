@@ -1,0 +1,365 @@
+"""Database layer: the Task model, the engine, the scoped session and schema setup."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select as io_select
+import threading
+import time
+import weakref
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Engine,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    create_engine,
+    event,
+    exc,
+    func,
+    inspect,
+    text,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_session, sessionmaker
+from sqlalchemy.sql.elements import ColumnElement
+
+log = logging.getLogger(__name__)
+
+# Unbound on purpose: create_app() binds it to the engine it builds, so importing this module
+# opens no connection and reads no configuration.
+Session = scoped_session(sessionmaker(expire_on_commit=False))
+
+TITLE_MAX = 200
+DESCRIPTION_MAX = 1000
+# Marks a users table that this service created and may therefore write to; an auth-owned table
+# (Better Auth's) never carries it. A check constraint, because both PostgreSQL and SQLite reflect it.
+OWNED_USERS_MARKER = "ck_tasks_api_users_id_not_empty"
+# A lock key of our own, so that workers starting together create the schema one at a time.
+SCHEMA_LOCK_KEY = 0x7A5C_0001
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware timestamp that always comes back in UTC, SQLite included."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(timezone.utc) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        # SQLite keeps no zone; this service only ever writes UTC, so a naive value is UTC.
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    """Declarative base for the service's models."""
+
+
+class Task(Base):
+    """One todo item, owned by exactly one user."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (
+        # One index per list order, each led by user_id, so a user's page is an index range scan
+        # whatever the size of the table.
+        Index("ix_tasks_user_created", "user_id", "created_at", "id"),
+        Index("ix_tasks_user_updated", "user_id", "updated_at", "id"),
+        Index("ix_tasks_user_title", "user_id", "title", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The foreign key to the users table is added when the table is created (see create_schema):
+    # which table it points at is only known then.
+    user_id: Mapped[str] = mapped_column(Text, nullable=False)
+    title: Mapped[str] = mapped_column(String(TITLE_MAX), nullable=False)
+    description: Mapped[str | None] = mapped_column(String(DESCRIPTION_MAX), nullable=True)
+    completed: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default="false")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the Task as the API's JSON object."""
+        return {
+            "id": self.id,
+            "user_id": self.user_id,
+            "title": self.title,
+            "description": self.description,
+            "completed": self.completed,
+            "created_at": iso_utc(self.created_at),
+            "updated_at": iso_utc(self.updated_at),
+        }
+
+
+def iso_utc(value: datetime) -> str:
+    """Format a UTC timestamp as ISO-8601 with a trailing Z."""
+    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def now_expression(dialect_name: str, *, for_update: bool) -> ColumnElement[datetime] | datetime:
+    """Return what a write stores as 'now': the database's clock on PostgreSQL, ours on SQLite.
+
+    An UPDATE uses clock_timestamp(), read when the row is written (after any row lock wait), so
+    the last of several concurrent writers always stores the newest updated_at. An INSERT uses
+    now(), one value, so a new task's created_at and updated_at are equal.
+    """
+    if dialect_name == "postgresql":
+        return func.clock_timestamp() if for_update else func.now()
+    return datetime.now(timezone.utc)
+
+
+# --- configuration of the engine -------------------------------------------------------------
+
+def normalise_database_url(raw: str) -> str:
+    """Accept postgres:// and postgresql:// URLs (Heroku and Neon give the first) for psycopg2."""
+    scheme, sep, rest = raw.partition("://")
+    if not sep:
+        raise ValueError("DATABASE_URL must look like postgresql://user:password@host/dbname")
+    if scheme in ("postgres", "postgresql"):
+        return f"postgresql+psycopg2://{rest}"
+    return raw
+
+
+def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, pool_timeout: float = 10,
+                connect_timeout: int = 5, idle_check_seconds: float = 30) -> Engine:
+    """Build the engine: autocommit, so that each request is one statement and one round trip.
+
+    Every view issues a single self-contained statement, so there is no multi-statement
+    transaction to protect; BEGIN and COMMIT would only add round trips to a remote database.
+    """
+    parsed: URL = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(
+            parsed,
+            isolation_level="AUTOCOMMIT",
+            # Waiting for a writer's lock beats failing with "database is locked".
+            connect_args={"timeout": 15, "check_same_thread": False},
+        )
+        event.listen(engine, "connect", _sqlite_on_connect)
+        return engine
+
+    connect_args: dict[str, Any] = {
+        "connect_timeout": connect_timeout,
+        "application_name": "tasks-api",
+        # A dead network path must surface as an error, not a hang: keepalives for idle sockets,
+        # tcp_user_timeout for unacknowledged writes.
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 10_000,
+    }
+    engine = create_engine(
+        parsed,
+        isolation_level="AUTOCOMMIT",
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_timeout=pool_timeout,
+        # Under Neon's five-minute idle cut, so the pool rarely meets a dropped connection.
+        pool_recycle=240,
+        # Replaced by _check_on_checkout, which costs no round trip on a busy connection.
+        pool_pre_ping=False,
+        connect_args=connect_args,
+    )
+    event.listen(engine, "checkout", _make_checkout_check(idle_check_seconds))
+    event.listen(engine, "checkin", _mark_checkin)
+    _ENGINES.add(engine)
+    return engine
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    """Turn on foreign keys (and so ON DELETE CASCADE), which SQLite leaves off by default."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()
+
+
+def _mark_checkin(_dbapi_connection: Any, record: Any) -> None:
+    """Remember when a connection went idle."""
+    record.info["idle_since"] = time.monotonic()
+
+
+def _make_checkout_check(idle_check_seconds: float):
+    """Build the pool checkout hook that replaces pool_pre_ping."""
+
+    def check_on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        """Refuse a connection the server has closed, without a round trip when it is busy.
+
+        An idle PostgreSQL connection never has data waiting: if its socket is readable, the
+        server has sent a FATAL message or closed it (pg_terminate_backend, Neon's idle cut).
+        Only a connection idle for longer than idle_check_seconds, whose silent loss the socket
+        cannot show, is pinged.
+        """
+        try:
+            readable, _, _ = io_select.select([dbapi_connection.fileno()], [], [], 0)
+        except (OSError, ValueError) as error:
+            raise exc.DisconnectionError("connection socket is unusable") from error
+        if readable:
+            raise exc.DisconnectionError("server closed the idle connection")
+        idle_since = record.info.get("idle_since")
+        if idle_since is not None and time.monotonic() - idle_since > idle_check_seconds:
+            try:
+                cursor = dbapi_connection.cursor()
+                cursor.execute("SELECT 1")
+                cursor.close()
+            except Exception as error:  # any failure of the ping means: use another connection
+                raise exc.DisconnectionError("idle connection failed its ping") from error
+
+    return check_on_checkout
+
+
+# Engines must not cross a fork: a gunicorn worker forked from a master that opened connections
+# would otherwise share their sockets with its siblings.
+_ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+def _dispose_engines_in_child() -> None:
+    for engine in list(_ENGINES):
+        engine.dispose(close=False)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_dispose_engines_in_child)
+
+
+# --- schema ----------------------------------------------------------------------------------
+
+class UsersTable:
+    """Which table holds the users, and whether this service may write to it."""
+
+    def __init__(self, table: Table, owned: bool) -> None:
+        self.table = table
+        self.owned = owned
+
+    @property
+    def name(self) -> str:
+        return self.table.name
+
+
+def _owned_users_table(name: str, metadata: MetaData) -> Table:
+    """The users table this service creates when no auth-owned one exists."""
+    return Table(
+        name,
+        metadata,
+        Column("id", Text, primary_key=True),
+        Column("email", Text, nullable=True),
+        Column("name", Text, nullable=True),
+        Column("created_at", UTCDateTime, nullable=False),
+        CheckConstraint("length(id) > 0", name=OWNED_USERS_MARKER),
+        comment="Created by the tasks API service, which registers users here on their first write.",
+    )
+
+
+def _tasks_table_for(users_table: str, metadata: MetaData) -> Table:
+    """A copy of the tasks table whose user_id references the chosen users table."""
+    if users_table not in metadata.tables:
+        # Only the key matters for the foreign key's DDL; this stand-in is never created.
+        Table(users_table, metadata, Column("id", Text, primary_key=True))
+    tasks = Task.__table__.to_metadata(metadata)
+    tasks.append_constraint(
+        ForeignKeyConstraint(["user_id"], [f"{users_table}.id"], ondelete="CASCADE", name="fk_tasks_user_id")
+    )
+    return tasks
+
+
+def _choose_users_table(connection: Any, configured: str | None) -> tuple[str, bool]:
+    """Pick the users table: USERS_TABLE, else an existing users, else user, else a new users.
+
+    Returns its name and whether it already exists.
+    """
+    inspector = inspect(connection)
+    if configured:
+        if not inspector.has_table(configured):
+            raise RuntimeError(f"USERS_TABLE names the table {configured!r}, which does not exist.")
+        return configured, True
+    for candidate in ("users", "user"):
+        if inspector.has_table(candidate):
+            return candidate, True
+    return "users", False
+
+
+def _is_owned(connection: Any, name: str) -> bool:
+    """Whether an existing users table is one this service created."""
+    checks = inspect(connection).get_check_constraints(name)
+    return any(check.get("name") == OWNED_USERS_MARKER for check in checks)
+
+
+def create_schema(engine: Engine, users_table: str | None = None) -> UsersTable:
+    """Create the missing tables, safely when several processes start at once on an empty database."""
+    with engine.connect() as connection:
+        if connection.dialect.name == "postgresql":
+            # Autocommit connection: a session-level lock, released explicitly below.
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        try:
+            return _create_schema_locked(connection, users_table)
+        finally:
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
+
+
+def _create_schema_locked(connection: Any, configured: str | None) -> UsersTable:
+    metadata = MetaData()
+    name, exists = _choose_users_table(connection, configured)
+    if exists:
+        owned = _is_owned(connection, name)
+        users = Table(name, metadata, Column("id", Text, primary_key=True))
+        if owned:
+            metadata.remove(users)
+            users = _owned_users_table(name, metadata)
+    else:
+        users = _owned_users_table(name, metadata)
+        owned = True
+        _create_ignoring_race(connection, users)
+    _create_ignoring_race(connection, _tasks_table_for(name, metadata))
+    log.info("users table: %s (%s)", name, "owned by this service" if owned else "owned by the auth provider")
+    return UsersTable(users, owned)
+
+
+def _create_ignoring_race(connection: Any, table: Table) -> None:
+    """Create a table and its indexes unless present; a concurrent creator (SQLite) is no error."""
+    try:
+        table.create(connection, checkfirst=True)
+    except exc.OperationalError as error:
+        # SQLite has no advisory lock; the loser of a creation race sees "already exists".
+        if "already exists" not in str(error.orig):
+            raise
+
+
+class SchemaState:
+    """Creates the schema once per process, and again on demand if the database was down at start."""
+
+    def __init__(self, engine: Engine, users_table: str | None) -> None:
+        self._engine = engine
+        self._configured = users_table
+        self._lock = threading.Lock()
+        self.users: UsersTable | None = None
+
+    def ensure(self) -> UsersTable:
+        """Return the users table, creating the schema first if that has not succeeded yet."""
+        users = self.users
+        if users is not None:
+            return users
+        with self._lock:
+            if self.users is None:
+                self.users = create_schema(self._engine, self._configured)
+            return self.users

@@ -1,0 +1,196 @@
+"""Explicit, small input validation: the JSON body, the fields a client may set, the list query."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from flask import Request
+
+from errors import ApiError, ValidationError, field_error
+from models import DESCRIPTION_MAX, TITLE_MAX
+
+# The only fields a client may ever set; anything else in a body (id, user_id, ...) is ignored.
+WRITABLE_FIELDS = ("title", "description", "completed")
+MAX_TASK_ID = 2**31 - 1  # the tasks.id column is a 32-bit integer
+MAX_LIMIT = 1000
+MAX_OFFSET = 2**31 - 1
+
+
+def read_json_object(request: Request, *, required: bool) -> dict[str, Any] | None:
+    """Return the body as a JSON object, None when there is no body and none is required.
+
+    An empty body counts as no body, whatever its Content-Type (fetch often sends the header alone).
+    """
+    data = request.get_data(cache=True)  # over MAX_CONTENT_LENGTH this raises the 413
+    if not data:
+        if required:
+            raise _body_error("The request body must be a JSON object.", "missing")
+        return None
+    if not request.is_json:
+        raise ApiError(415, "The request body must be JSON, sent with Content-Type: application/json.")
+    try:
+        payload = json.loads(data)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too
+        raise _body_error("The request body is not valid JSON.", "json_invalid") from None
+    if not isinstance(payload, dict):
+        raise _body_error("The request body must be a JSON object.", "object_type")
+    return payload
+
+
+def _body_error(message: str, kind: str) -> ValidationError:
+    return ValidationError([field_error("body", message, kind)])
+
+
+def _text_problem(value: str) -> str | None:
+    """Why a string cannot be stored as text, or None when it can."""
+    if "\x00" in value:
+        return "must not contain NUL characters"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid Unicode text (it contains an unpaired surrogate)"
+    return None
+
+
+def _check_title(value: Any, errors: list[dict[str, str]]) -> str | None:
+    if not isinstance(value, str):
+        errors.append(field_error("title", "Title must be a string.", "string_type"))
+        return None
+    title = value.strip()
+    problem = _text_problem(title)
+    if problem:
+        errors.append(field_error("title", f"Title {problem}.", "string_invalid"))
+    elif not title:
+        errors.append(field_error("title", "Title must not be empty.", "string_too_short"))
+    elif len(title) > TITLE_MAX:
+        errors.append(field_error("title", f"Title must be at most {TITLE_MAX} characters long.", "string_too_long"))
+    else:
+        return title
+    return None
+
+
+def _check_description(value: Any, errors: list[dict[str, str]]) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        errors.append(field_error("description", "Description must be a string or null.", "string_type"))
+        return None
+    description = value.strip()
+    problem = _text_problem(description)
+    if problem:
+        errors.append(field_error("description", f"Description {problem}.", "string_invalid"))
+    elif len(description) > DESCRIPTION_MAX:
+        errors.append(field_error("description",
+                                  f"Description must be at most {DESCRIPTION_MAX} characters long.",
+                                  "string_too_long"))
+    else:
+        return description
+    return None
+
+
+def _check_completed(value: Any, errors: list[dict[str, str]]) -> bool | None:
+    # bool only: "true", 1 and null are refused rather than guessed at.
+    if not isinstance(value, bool):
+        errors.append(field_error("completed", "Completed must be true or false.", "bool_type"))
+        return None
+    return value
+
+
+_CHECKS = {"title": _check_title, "description": _check_description, "completed": _check_completed}
+
+
+def task_fields(payload: Mapping[str, Any], *, partial: bool) -> dict[str, Any]:
+    """Validate the writable fields of a body; partial=True for PUT/PATCH, False for create."""
+    errors: list[dict[str, str]] = []
+    present = [name for name in WRITABLE_FIELDS if name in payload]
+    if partial and not present:
+        raise ValidationError([field_error(
+            "body", "Send at least one of the fields title, description, completed.", "missing")])
+    if not partial and "title" not in payload:
+        errors.append(field_error("title", "Title is required.", "missing"))
+    fields = {name: _CHECKS[name](payload[name], errors) for name in present}
+    if errors:
+        raise ValidationError(errors)
+    return fields
+
+
+def completed_field(payload: Mapping[str, Any]) -> bool:
+    """The toggle endpoint's optional body: {"completed": true|false}."""
+    if "completed" not in payload:
+        raise ValidationError([field_error(
+            "completed", "Send {\"completed\": true} or {\"completed\": false}, or no body to flip it.",
+            "missing")])
+    errors: list[dict[str, str]] = []
+    value = _check_completed(payload["completed"], errors)
+    if errors:
+        raise ValidationError(errors)
+    assert value is not None
+    return value
+
+
+def parse_task_id(raw: str) -> int | None:
+    """The task id from the URL, or None when it cannot name a task (the view answers 404)."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10:
+        return None
+    task_id = int(raw)
+    return task_id if 1 <= task_id <= MAX_TASK_ID else None
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    """The list endpoint's validated query parameters."""
+
+    status: str = "all"
+    sort: str = "created"
+    descending: bool = True
+    limit: int | None = None
+    offset: int = 0
+
+
+_CHOICES = {
+    "status": ("all", "pending", "completed"),
+    "sort": ("created", "updated", "title"),
+    "order": ("asc", "desc"),
+}
+
+
+def _bounded_int(args: Mapping[str, str], name: str, low: int, high: int,
+                 errors: list[dict[str, str]]) -> int | None:
+    raw = args.get(name)
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 12 or not low <= int(raw) <= high:
+        errors.append(field_error(name, f"{name.capitalize()} must be a whole number from {low} to {high}.",
+                                  "int_range"))
+        return None
+    return int(raw)
+
+
+def list_query(args: Mapping[str, str]) -> ListQuery:
+    """Validate status, sort, order, limit and offset; unknown parameters are ignored."""
+    errors: list[dict[str, str]] = []
+    chosen: dict[str, str] = {}
+    for name, choices in _CHOICES.items():
+        value = args.get(name)
+        if value is None:
+            continue
+        if value not in choices:
+            errors.append(field_error(name, f"{name.capitalize()} must be one of: {', '.join(choices)}.",
+                                      "enum"))
+        else:
+            chosen[name] = value
+    limit = _bounded_int(args, "limit", 1, MAX_LIMIT, errors)
+    offset = _bounded_int(args, "offset", 0, MAX_OFFSET, errors)
+    if errors:
+        raise ValidationError(errors)
+    sort = chosen.get("sort", "created")
+    default_order = "asc" if sort == "title" else "desc"
+    return ListQuery(
+        status=chosen.get("status", "all"),
+        sort=sort,
+        descending=chosen.get("order", default_order) == "desc",
+        limit=limit,
+        offset=offset or 0,
+    )
