@@ -263,8 +263,8 @@ def _insert_task(user_id: str, fields: dict[str, Any], users: UsersTable) -> Tas
     """Insert the task; register the user first when this service owns the users table."""
     state = _state()
     now = now_expression(_dialect(), for_update=False)
-    statement = insert(Task).values(user_id=user_id, completed=False, created_at=now, updated_at=now,
-                                    **fields).returning(Task)
+    values = {"completed": False, **fields, "user_id": user_id, "created_at": now, "updated_at": now}
+    statement = insert(Task).values(**values).returning(Task)
     for attempt in (1, 2):
         if users.owned and user_id not in state.known_users:
             _register_user(users, user_id)

@@ -1,0 +1,1099 @@
+"""Tests of the tasks API: on SQLite by default, on PostgreSQL when TEST_DATABASE_URL is set.
+
+With TEST_DATABASE_URL, the tests create a private database next to the one named (as Django's
+test runner does), use only that, and drop it at the end. DATABASE_URL is never read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from datetime import datetime
+from typing import Any, Callable, Iterator
+
+import jwt
+import psycopg2
+import pytest
+from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy.engine import make_url
+
+import app as app_module
+from app import create_app
+from auth import DEV_SECRET, issue_token
+from models import Session, normalise_database_url
+
+SECRET = "test-secret-long-enough-for-hs256-and-hs512-0123456789abcdefghijk"
+OTHER_SECRET = "another-secret-that-is-long-enough-for-hs256-98765"
+ALICE, BOB = "alice", "bob"
+TEST_DB_URL = os.environ.get("TEST_DATABASE_URL")
+ON_POSTGRES = bool(TEST_DB_URL)
+postgres_only = pytest.mark.skipif(not ON_POSTGRES, reason="needs TEST_DATABASE_URL (PostgreSQL)")
+
+
+# --- databases ---------------------------------------------------------------------------------
+
+def _admin_connection(url: str) -> Any:
+    """A psycopg2 autocommit connection to the database TEST_DATABASE_URL names."""
+    parsed = make_url(normalise_database_url(url))
+    connection = psycopg2.connect(
+        host=parsed.host, port=parsed.port or 5432, user=parsed.username, password=parsed.password,
+        dbname=parsed.database, **{k: v for k, v in parsed.query.items() if isinstance(v, str)})
+    connection.autocommit = True
+    return connection
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str | None]:
+    """A private PostgreSQL database for this run, created beside TEST_DATABASE_URL's and dropped after."""
+    if not TEST_DB_URL:
+        yield None
+        return
+    name = f"tasks_pytest_{uuid.uuid4().hex[:12]}"
+    admin = _admin_connection(TEST_DB_URL)
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(normalise_database_url(TEST_DB_URL)).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture
+def database_url(postgres_url: str | None, tmp_path: Any) -> str:
+    """An empty database for one test: a new SQLite file, or the private PostgreSQL database emptied."""
+    if postgres_url is None:
+        return f"sqlite:///{tmp_path / 'tasks.db'}"
+    engine = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text("DROP SCHEMA public CASCADE"))
+        connection.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+    return postgres_url
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing from the developer's environment (DATABASE_URL above all) reaches a test's app."""
+    for name in app_module.ENV_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def make_app(database_url: str, **overrides: Any) -> Any:
+    config = {"BETTER_AUTH_SECRET": SECRET, "DATABASE_URL": database_url, "TESTING": True, **overrides}
+    return create_app(config)
+
+
+@pytest.fixture
+def app(database_url: str) -> Iterator[Any]:
+    application = make_app(database_url)
+    yield application
+    application.extensions["tasks_api"].engine.dispose()
+
+
+@pytest.fixture
+def client(app: Any) -> Any:
+    return app.test_client()
+
+
+def run_sql(app: Any, sql: str, **params: Any) -> list[Any]:
+    """Read the database directly, behind the API's back."""
+    with app.extensions["tasks_api"].engine.connect() as connection:
+        result = connection.execute(text(sql), params)
+        return result.fetchall() if result.returns_rows else []
+
+
+# --- tokens ------------------------------------------------------------------------------------
+
+def make_token(sub: Any = ALICE, *, secret: str = SECRET, algorithm: str = "HS256",
+               drop: tuple[str, ...] = (), **claims: Any) -> str:
+    now = int(time.time())
+    payload: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + 600, **claims}
+    for name in drop:
+        payload.pop(name, None)
+    return jwt.encode(payload, secret, algorithm=algorithm)
+
+
+def auth_headers(sub: Any = ALICE, **claims: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {make_token(sub, **claims)}"}
+
+
+@pytest.fixture
+def as_user(client: Any) -> Callable[..., Any]:
+    """Send a request as a user: as_user("post", "/tasks", json=...) for the user's own URL."""
+
+    def send(method: str, path: str = "/tasks", *, user: str = ALICE, url_user: str | None = None,
+             **kwargs: Any) -> Any:
+        headers = {**auth_headers(user), **kwargs.pop("headers", {})}
+        url = f"/api/{url_user or user}{path}"
+        return client.open(url, method=method.upper(), headers=headers, **kwargs)
+
+    return send
+
+
+@pytest.fixture
+def new_task(as_user: Callable[..., Any]) -> Callable[..., dict[str, Any]]:
+    def create(title: str = "Buy milk", user: str = ALICE, **fields: Any) -> dict[str, Any]:
+        response = as_user("post", json={"title": title, **fields}, user=user)
+        assert response.status_code == 201, response.get_json()
+        return response.get_json()
+
+    return create
+
+
+def parse_time(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    assert parsed.utcoffset() is not None and parsed.utcoffset().total_seconds() == 0
+    return parsed
+
+
+# --- success paths -----------------------------------------------------------------------------
+
+def test_create_returns_task_with_location(as_user: Any) -> None:
+    response = as_user("post", json={"title": "  Buy milk  ", "description": " 2 litres "})
+    assert response.status_code == 201
+    body = response.get_json()
+    assert set(body) == {"id", "user_id", "title", "description", "completed", "created_at", "updated_at"}
+    assert body["title"] == "Buy milk" and body["description"] == "2 litres"
+    assert body["user_id"] == ALICE and body["completed"] is False and isinstance(body["id"], int)
+    assert body["created_at"].endswith("Z") and body["created_at"] == body["updated_at"]
+    assert response.headers["Location"] == f"/api/{ALICE}/tasks/{body['id']}"
+    assert response.headers["Content-Type"].startswith("application/json")
+    fetched = as_user("get", response.headers["Location"].removeprefix(f"/api/{ALICE}"))
+    assert fetched.status_code == 200 and fetched.get_json() == body
+
+
+def test_create_ignores_fields_a_client_may_not_set(app: Any, as_user: Any) -> None:
+    response = as_user("post", json={"title": "t", "id": 999, "user_id": BOB, "completed": True,
+                                     "created_at": "2000-01-01T00:00:00Z", "owner": "x"})
+    body = response.get_json()
+    assert response.status_code == 201
+    assert body["id"] != 999 and body["user_id"] == ALICE
+    assert body["created_at"] != "2000-01-01T00:00:00Z"
+    # completed is a writable field, and create honours it.
+    assert body["completed"] is True
+    assert run_sql(app, "SELECT user_id FROM tasks") == [(ALICE,)]
+
+
+def test_create_with_null_and_missing_description(as_user: Any) -> None:
+    assert as_user("post", json={"title": "a", "description": None}).get_json()["description"] is None
+    assert as_user("post", json={"title": "b"}).get_json()["description"] is None
+
+
+def test_list_returns_only_own_tasks_newest_first(as_user: Any, new_task: Any) -> None:
+    first, second = new_task("one"), new_task("two")
+    new_task("bob's", user=BOB)
+    response = as_user("get")
+    assert response.status_code == 200
+    assert [task["id"] for task in response.get_json()] == [second["id"], first["id"]]
+    assert "X-Total-Count" not in response.headers
+
+
+def test_list_of_new_user_is_empty_array(as_user: Any) -> None:
+    response = as_user("get", user="nobody-yet")
+    assert response.status_code == 200 and response.get_json() == []
+
+
+def test_get_task(as_user: Any, new_task: Any) -> None:
+    task = new_task("read me", description="details")
+    response = as_user("get", f"/tasks/{task['id']}")
+    assert response.status_code == 200 and response.get_json() == task
+
+
+@pytest.mark.parametrize("method", ["put", "patch"])
+def test_update_is_partial(as_user: Any, new_task: Any, method: str) -> None:
+    task = new_task("old", description="keep me")
+    response = as_user(method, f"/tasks/{task['id']}", json={"title": " new "})
+    body = response.get_json()
+    assert response.status_code == 200
+    assert body["title"] == "new" and body["description"] == "keep me" and body["completed"] is False
+    assert body["created_at"] == task["created_at"]
+    assert parse_time(body["updated_at"]) > parse_time(task["updated_at"])
+    assert as_user("get", f"/tasks/{task['id']}").get_json() == body
+
+
+def test_update_all_fields_and_clear_description(as_user: Any, new_task: Any) -> None:
+    task = new_task("t", description="d")
+    body = as_user("put", f"/tasks/{task['id']}",
+                   json={"title": "T", "description": None, "completed": True}).get_json()
+    assert (body["title"], body["description"], body["completed"]) == ("T", None, True)
+
+
+def test_delete_task(app: Any, as_user: Any, new_task: Any) -> None:
+    task = new_task()
+    response = as_user("delete", f"/tasks/{task['id']}")
+    assert response.status_code == 204 and response.data == b""
+    assert as_user("get", f"/tasks/{task['id']}").status_code == 404
+    assert as_user("delete", f"/tasks/{task['id']}").status_code == 404
+    assert run_sql(app, "SELECT count(*) FROM tasks")[0][0] == 0
+
+
+def test_toggle_without_body_flips(as_user: Any, new_task: Any) -> None:
+    task = new_task()
+    first = as_user("patch", f"/tasks/{task['id']}/complete")
+    assert first.status_code == 200 and first.get_json()["completed"] is True
+    assert parse_time(first.get_json()["updated_at"]) > parse_time(task["updated_at"])
+    second = as_user("patch", f"/tasks/{task['id']}/complete")
+    assert second.get_json()["completed"] is False
+    assert second.get_json()["created_at"] == task["created_at"]
+
+
+def test_toggle_with_empty_json_content_type_flips(as_user: Any, new_task: Any) -> None:
+    task = new_task()
+    response = as_user("patch", f"/tasks/{task['id']}/complete", headers={"Content-Type": "application/json"})
+    assert response.status_code == 200 and response.get_json()["completed"] is True
+
+
+@pytest.mark.parametrize("wanted", [True, False])
+def test_toggle_with_body_sets_and_is_idempotent(as_user: Any, new_task: Any, wanted: bool) -> None:
+    task = new_task()
+    for _ in range(2):
+        response = as_user("patch", f"/tasks/{task['id']}/complete", json={"completed": wanted})
+        assert response.status_code == 200 and response.get_json()["completed"] is wanted
+
+
+def test_unicode_round_trip(as_user: Any) -> None:
+    title = "Ünïcödé ✓ 日本語 🎉 e\u0301"
+    created = as_user("post", json={"title": title, "description": "Ω≈ç√ 👩‍👩‍👧"})
+    assert created.status_code == 201
+    fetched = as_user("get", f"/tasks/{created.get_json()['id']}").get_json()
+    assert fetched["title"] == title and fetched["description"] == "Ω≈ç√ 👩‍👩‍👧"
+
+
+def test_title_of_200_emoji_fits(as_user: Any) -> None:
+    # 200 characters, 800 bytes: the limit counts characters, on PostgreSQL's varchar(200) too.
+    response = as_user("post", json={"title": "😀" * 200})
+    assert response.status_code == 201 and response.get_json()["title"] == "😀" * 200
+
+
+def test_updated_at_moves_created_at_never(as_user: Any, new_task: Any) -> None:
+    task = new_task()
+    stamps = [parse_time(task["updated_at"])]
+    for body in ({"title": "a"}, {"completed": True}, {"description": "x"}):
+        updated = as_user("patch", f"/tasks/{task['id']}", json=body).get_json()
+        assert updated["created_at"] == task["created_at"]
+        stamps.append(parse_time(updated["updated_at"]))
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
+
+
+# --- health ------------------------------------------------------------------------------------
+
+def test_health_needs_no_auth_and_no_database(client: Any) -> None:
+    response = client.get("/health")
+    assert response.status_code == 200 and response.get_json() == {"status": "ok"}
+
+
+def test_ready_when_database_answers(client: Any) -> None:
+    response = client.get("/health/ready")
+    assert response.status_code == 200 and response.get_json() == {"status": "ok"}
+
+
+# --- authentication: 401 on every endpoint -----------------------------------------------------
+
+ENDPOINTS = [
+    ("get", "/tasks", None),
+    ("post", "/tasks", {"title": "x"}),
+    ("get", "/tasks/{id}", None),
+    ("put", "/tasks/{id}", {"title": "changed"}),
+    ("patch", "/tasks/{id}", {"title": "changed"}),
+    ("delete", "/tasks/{id}", None),
+    ("patch", "/tasks/{id}/complete", None),
+]
+ENDPOINT_IDS = [f"{method} {path}" for method, path, _ in ENDPOINTS]
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+BAD_AUTHORIZATION: dict[str, Callable[[], str | None]] = {
+    "no header": lambda: None,
+    "empty header": lambda: "",
+    "basic scheme": lambda: "Basic YWxpY2U6cGFzc3dvcmQ=",
+    "bearer without token": lambda: "Bearer",
+    "token without scheme": lambda: make_token(),
+    "not a jwt": lambda: "Bearer not-a-jwt",
+    "garbage segments": lambda: "Bearer aaa.bbb.ccc",
+    "bad signature": lambda: f"Bearer {make_token(secret=OTHER_SECRET)}",
+    "tampered payload": lambda: "Bearer " + _tamper(make_token()),
+    "alg none": lambda: "Bearer " + jwt.encode({"sub": ALICE, "exp": _now() + 600}, None, algorithm="none"),
+    "alg HS512 with the right secret": lambda: f"Bearer {make_token(algorithm='HS512')}",
+    "alg HS384 with the right secret": lambda: f"Bearer {make_token(algorithm='HS384')}",
+    "expired": lambda: f"Bearer {make_token(exp=_now() - 120, iat=_now() - 700)}",
+    "no exp": lambda: f"Bearer {make_token(drop=('exp',))}",
+    "no sub": lambda: f"Bearer {make_token(drop=('sub',))}",
+    "empty sub": lambda: f"Bearer {make_token('')}",
+    "numeric sub": lambda: f"Bearer {make_token(12345)}",
+    "null sub": lambda: f"Bearer {make_token(None)}",
+    "nbf in the future": lambda: f"Bearer {make_token(nbf=_now() + 120)}",
+    "iat in the future": lambda: f"Bearer {make_token(iat=_now() + 120)}",
+    "non-numeric exp": lambda: f"Bearer {make_token(exp='tomorrow')}",
+}
+
+
+def _tamper(token: str) -> str:
+    header, payload, signature = token.split(".")
+    claims = json.loads(jwt.utils.base64url_decode(payload))
+    claims["sub"] = BOB
+    forged = jwt.utils.base64url_encode(json.dumps(claims).encode()).decode()
+    return f"{header}.{forged}.{signature}"
+
+
+@pytest.mark.parametrize("case", list(BAD_AUTHORIZATION))
+@pytest.mark.parametrize("method,path,body", ENDPOINTS, ids=ENDPOINT_IDS)
+def test_401_for_every_bad_token_on_every_endpoint(app: Any, client: Any, new_task: Any, case: str,
+                                                   method: str, path: str, body: Any) -> None:
+    task = new_task("untouched")
+    value = BAD_AUTHORIZATION[case]()
+    headers = {} if value is None else {"Authorization": value}
+    response = client.open(f"/api/{ALICE}" + path.format(id=task["id"]), method=method.upper(),
+                           headers=headers, json=body)
+    assert response.status_code == 401
+    assert isinstance(response.get_json()["detail"], str) and response.get_json()["detail"]
+    challenge = response.headers["WWW-Authenticate"]
+    assert challenge.startswith("Bearer")
+    token_sent = value is not None and value.lower().startswith("bearer ") and len(value.split()) == 2
+    assert ('error="invalid_token"' in challenge) == token_sent
+    assert run_sql(app, "SELECT title, completed FROM tasks") == [("untouched", False)]
+
+
+def test_token_within_leeway_is_accepted(as_user: Any, client: Any) -> None:
+    # 30 s of clock skew between the frontend and us is tolerated, both ways.
+    token = make_token(iat=_now() + 20, nbf=_now() + 20)
+    assert client.get(f"/api/{ALICE}/tasks", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    late = make_token(exp=_now() - 10, iat=_now() - 700)
+    assert client.get(f"/api/{ALICE}/tasks", headers={"Authorization": f"Bearer {late}"}).status_code == 200
+
+
+def test_bearer_scheme_is_case_insensitive(client: Any) -> None:
+    response = client.get(f"/api/{ALICE}/tasks", headers={"Authorization": f"bearer {make_token()}"})
+    assert response.status_code == 200
+
+
+def test_token_in_query_string_or_cookie_is_ignored(client: Any) -> None:
+    token = make_token()
+    client.set_cookie("token", token)
+    response = client.get(f"/api/{ALICE}/tasks?token={token}&access_token={token}")
+    assert response.status_code == 401
+
+
+def test_expired_token_message_says_so(client: Any) -> None:
+    token = make_token(exp=_now() - 120, iat=_now() - 700)
+    response = client.get(f"/api/{ALICE}/tasks", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 401 and "expired" in response.get_json()["detail"]
+
+
+def test_audience_and_issuer_checked_when_configured(database_url: str) -> None:
+    application = make_app(database_url, JWT_AUDIENCE="tasks-api", JWT_ISSUER="https://auth.example")
+    client = application.test_client()
+
+    def status(**claims: Any) -> int:
+        headers = {"Authorization": f"Bearer {make_token(**claims)}"}
+        return client.get(f"/api/{ALICE}/tasks", headers=headers).status_code
+
+    assert status(aud="tasks-api", iss="https://auth.example") == 200
+    assert status(aud="other", iss="https://auth.example") == 401
+    assert status(aud="tasks-api", iss="https://evil.example") == 401
+    assert status(iss="https://auth.example") == 401
+    application.extensions["tasks_api"].engine.dispose()
+
+
+# --- authorisation: 403 and cross-user 404 -----------------------------------------------------
+
+@pytest.mark.parametrize("method,path,body", ENDPOINTS, ids=ENDPOINT_IDS)
+def test_403_when_sub_is_not_the_url_user(app: Any, as_user: Any, new_task: Any, method: str, path: str,
+                                          body: Any) -> None:
+    task = new_task("alice's", user=ALICE)
+    response = as_user(method, path.format(id=task["id"]), user=BOB, url_user=ALICE, json=body)
+    assert response.status_code == 403
+    assert response.get_json() == {"detail": "You do not have access to these tasks."}
+    assert ALICE not in response.get_data(as_text=True) and BOB not in response.get_data(as_text=True)
+    assert run_sql(app, "SELECT user_id, title, completed FROM tasks") == [(ALICE, "alice's", False)]
+
+
+@pytest.mark.parametrize("method,path,body", ENDPOINTS[2:], ids=ENDPOINT_IDS[2:])
+def test_other_users_task_is_404_and_unchanged(app: Any, as_user: Any, new_task: Any, method: str, path: str,
+                                               body: Any) -> None:
+    task = new_task("alice's", user=ALICE)
+    before = run_sql(app, "SELECT * FROM tasks")
+    response = as_user(method, path.format(id=task["id"]), user=BOB, json=body)
+    missing = as_user(method, path.format(id=task["id"] + 1000), user=BOB, json=body)
+    assert response.status_code == 404 and missing.status_code == 404
+    # Never reveal whether the id exists: the two answers are the same.
+    assert response.get_json() == missing.get_json() == {"detail": "Task not found."}
+    assert run_sql(app, "SELECT * FROM tasks") == before
+
+
+def test_403_comes_before_404_and_422(as_user: Any) -> None:
+    assert as_user("get", "/tasks/999999", user=BOB, url_user=ALICE).status_code == 403
+    assert as_user("post", json={"title": ""}, user=BOB, url_user=ALICE).status_code == 403
+    assert as_user("post", data="x", headers={"Content-Type": "text/plain"}, user=BOB,
+                   url_user=ALICE).status_code == 403
+
+
+def test_401_comes_before_404_415_and_422(client: Any) -> None:
+    assert client.get(f"/api/{ALICE}/tasks/abc").status_code == 401
+    assert client.get(f"/api/{ALICE}/tasks/99999999999999").status_code == 401
+    assert client.post(f"/api/{ALICE}/tasks", data="x", content_type="text/plain").status_code == 401
+    assert client.post(f"/api/{ALICE}/tasks", json={"title": ""}).status_code == 401
+    assert client.get(f"/api/{ALICE}/tasks?limit=0").status_code == 401
+
+
+# --- validation --------------------------------------------------------------------------------
+
+def _assert_422(response: Any, field: str) -> dict[str, Any]:
+    assert response.status_code == 422, response.get_json()
+    body = response.get_json()
+    assert isinstance(body["detail"], str) and body["detail"]
+    assert any(error["field"] == field for error in body["errors"]), body
+    for error in body["errors"]:
+        assert set(error) == {"field", "message", "type"}
+    return body
+
+
+@pytest.mark.parametrize("title,ok", [
+    ("x" * 200, True), ("x" * 201, False), ("  " + "x" * 200 + "  ", True), ("", False), ("   ", False),
+    ("\t\n", False), ("a", True),
+])
+def test_title_length_boundaries(app: Any, as_user: Any, title: str, ok: bool) -> None:
+    response = as_user("post", json={"title": title})
+    if ok:
+        assert response.status_code == 201 and response.get_json()["title"] == title.strip()
+    else:
+        _assert_422(response, "title")
+        assert run_sql(app, "SELECT count(*) FROM tasks")[0][0] == 0
+
+
+@pytest.mark.parametrize("description,ok", [
+    ("d" * 1000, True), ("d" * 1001, False), (" " + "d" * 1000 + " ", True), ("", True),
+])
+def test_description_length_boundaries(as_user: Any, description: str, ok: bool) -> None:
+    response = as_user("post", json={"title": "t", "description": description})
+    if ok:
+        assert response.status_code == 201 and response.get_json()["description"] == description.strip()
+    else:
+        _assert_422(response, "description")
+
+
+@pytest.mark.parametrize("body,field", [
+    ({}, "title"),
+    ({"description": "no title"}, "title"),
+    ({"title": None}, "title"),
+    ({"title": 5}, "title"),
+    ({"title": ["a"]}, "title"),
+    ({"title": {"text": "a"}}, "title"),
+    ({"title": True}, "title"),
+    ({"title": "ok", "description": 5}, "description"),
+    ({"title": "ok", "description": ["x"]}, "description"),
+    ({"title": "ok", "completed": "true"}, "completed"),
+    ({"title": "ok", "completed": 1}, "completed"),
+    ({"title": "ok", "completed": 0}, "completed"),
+    ({"title": "ok", "completed": None}, "completed"),
+    ({"title": "nul \u0000 inside"}, "title"),
+    ({"title": "ok", "description": "nul \u0000"}, "description"),
+])
+def test_create_rejects_bad_fields(app: Any, as_user: Any, body: dict[str, Any], field: str) -> None:
+    _assert_422(as_user("post", json=body), field)
+    assert run_sql(app, "SELECT count(*) FROM tasks")[0][0] == 0
+
+
+def test_lone_surrogate_is_422_not_500(app: Any, as_user: Any) -> None:
+    response = as_user("post", data=b'{"title": "bad \\ud800 surrogate"}',
+                       headers={"Content-Type": "application/json"})
+    _assert_422(response, "title")
+    assert run_sql(app, "SELECT count(*) FROM tasks")[0][0] == 0
+
+
+def test_several_errors_are_all_reported(as_user: Any) -> None:
+    body = _assert_422(as_user("post", json={"title": "", "description": 3, "completed": "no"}), "title")
+    assert {error["field"] for error in body["errors"]} == {"title", "description", "completed"}
+
+
+@pytest.mark.parametrize("raw", [b"not json", b"{", b'{"title": "a",}', b"[1, 2]", b'"a string"', b"null",
+                                 b"42", b"\xff\xfe\x00", b"[" * 5000 + b"]" * 5000,
+                                 b'{"title": ' + b"[" * 100000 + b"]" * 100000 + b"}"[:60000]])
+def test_body_that_is_not_a_json_object_is_422(app: Any, as_user: Any, raw: bytes) -> None:
+    response = as_user("post", data=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code in (413, 422), response.status_code
+    if len(raw) <= 64 * 1024:
+        _assert_422(response, "body")
+    assert run_sql(app, "SELECT count(*) FROM tasks")[0][0] == 0
+
+
+def test_deeply_nested_json_within_size_limit_is_422(as_user: Any) -> None:
+    depth = 30000  # 60 KB: under the 64 KiB limit, deep enough to overflow a recursive parser
+    raw = b'{"title": ' + b"[" * depth + b"]" * depth + b"}"
+    assert len(raw) < 64 * 1024
+    _assert_422(as_user("post", data=raw, headers={"Content-Type": "application/json"}), "body")
+
+
+def test_missing_body_on_create_is_422(as_user: Any) -> None:
+    _assert_422(as_user("post"), "body")
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/xml"])
+def test_non_json_content_type_is_415(app: Any, as_user: Any, content_type: str) -> None:
+    response = as_user("post", data='{"title": "x"}', headers={"Content-Type": content_type})
+    assert response.status_code == 415
+    assert "application/json" in response.get_json()["detail"]
+    assert run_sql(app, "SELECT count(*) FROM tasks")[0][0] == 0
+
+
+def test_json_with_charset_is_accepted(as_user: Any) -> None:
+    response = as_user("post", data=json.dumps({"title": "x"}),
+                       headers={"Content-Type": "application/json; charset=utf-8"})
+    assert response.status_code == 201
+
+
+def test_body_over_64_kib_is_413(app: Any, as_user: Any) -> None:
+    response = as_user("post", json={"title": "x", "description": "d" * (64 * 1024)})
+    assert response.status_code == 413 and "64 KiB" in response.get_json()["detail"]
+    assert run_sql(app, "SELECT count(*) FROM tasks")[0][0] == 0
+
+
+@pytest.mark.parametrize("method", ["put", "patch"])
+@pytest.mark.parametrize("body,field", [
+    ({}, "body"), ({"id": 5, "user_id": "x"}, "body"), ({"title": ""}, "title"), ({"title": None}, "title"),
+    ({"title": "x" * 201}, "title"), ({"description": "d" * 1001}, "description"),
+    ({"completed": "true"}, "completed"), ({"completed": 1}, "completed"),
+    ({"title": "good", "completed": "bad"}, "completed"),
+])
+def test_update_rejects_bad_bodies_and_changes_nothing(app: Any, as_user: Any, new_task: Any, method: str,
+                                                       body: dict[str, Any], field: str) -> None:
+    task = new_task("keep", description="same")
+    _assert_422(as_user(method, f"/tasks/{task['id']}", json=body), field)
+    assert as_user("get", f"/tasks/{task['id']}").get_json() == task
+
+
+def test_update_ignores_unknown_fields(as_user: Any, new_task: Any) -> None:
+    task = new_task()
+    response = as_user("put", f"/tasks/{task['id']}", json={"title": "new", "id": 1, "user_id": BOB})
+    assert response.status_code == 200
+    assert response.get_json()["id"] == task["id"] and response.get_json()["user_id"] == ALICE
+
+
+@pytest.mark.parametrize("body", [{"completed": "true"}, {"completed": 1}, {"completed": None}, {}, {"done": True},
+                                  [True]])
+def test_toggle_rejects_bad_bodies(as_user: Any, new_task: Any, body: Any) -> None:
+    task = new_task()
+    response = as_user("patch", f"/tasks/{task['id']}/complete", json=body)
+    assert response.status_code == 422
+    assert as_user("get", f"/tasks/{task['id']}").get_json()["completed"] is False
+
+
+@pytest.mark.parametrize("raw_id", ["abc", "0", "-1", "1.5", "2147483648", "99999999999999999999", "1e3",
+                                    "%20", "١٢"])
+def test_bad_task_ids_are_404(as_user: Any, raw_id: str) -> None:
+    for method, suffix in (("get", ""), ("put", ""), ("delete", ""), ("patch", "/complete")):
+        response = as_user(method, f"/tasks/{raw_id}{suffix}", json={"title": "x"} if method == "put" else None)
+        assert response.status_code == 404, (method, raw_id, response.status_code)
+        assert response.get_json() == {"detail": "Task not found."}
+
+
+# --- list query parameters ---------------------------------------------------------------------
+
+@pytest.fixture
+def three_tasks(as_user: Any, new_task: Any) -> list[dict[str, Any]]:
+    tasks = [new_task("banana"), new_task("apple"), new_task("cherry")]
+    as_user("patch", f"/tasks/{tasks[1]['id']}/complete", json={"completed": True})
+    return tasks
+
+
+def _ids(response: Any) -> list[int]:
+    assert response.status_code == 200, response.get_json()
+    return [task["id"] for task in response.get_json()]
+
+
+def test_status_filter(as_user: Any, three_tasks: list[dict[str, Any]]) -> None:
+    banana, apple, cherry = (task["id"] for task in three_tasks)
+    assert _ids(as_user("get", "/tasks?status=completed")) == [apple]
+    assert _ids(as_user("get", "/tasks?status=pending")) == [cherry, banana]
+    assert _ids(as_user("get", "/tasks?status=all")) == [cherry, apple, banana]
+
+
+def test_sort_and_order(as_user: Any, three_tasks: list[dict[str, Any]]) -> None:
+    banana, apple, cherry = (task["id"] for task in three_tasks)
+    assert _ids(as_user("get", "/tasks?sort=title")) == [apple, banana, cherry]
+    assert _ids(as_user("get", "/tasks?sort=title&order=desc")) == [cherry, banana, apple]
+    assert _ids(as_user("get", "/tasks?sort=created&order=asc")) == [banana, apple, cherry]
+    # apple was updated last (it was completed after all three were created).
+    assert _ids(as_user("get", "/tasks?sort=updated")) == [apple, cherry, banana]
+    assert _ids(as_user("get", "/tasks?sort=updated&order=asc")) == [banana, cherry, apple]
+
+
+def test_limit_offset_and_total(as_user: Any, three_tasks: list[dict[str, Any]]) -> None:
+    banana, apple, cherry = (task["id"] for task in three_tasks)
+    page = as_user("get", "/tasks?limit=2")
+    assert _ids(page) == [cherry, apple] and page.headers["X-Total-Count"] == "3"
+    page = as_user("get", "/tasks?limit=2&offset=2")
+    assert _ids(page) == [banana] and page.headers["X-Total-Count"] == "3"
+    page = as_user("get", "/tasks?limit=2&offset=10")
+    assert _ids(page) == [] and page.headers["X-Total-Count"] == "3"
+    page = as_user("get", "/tasks?limit=5&status=completed")
+    assert _ids(page) == [apple] and page.headers["X-Total-Count"] == "1"
+    page = as_user("get", "/tasks?offset=1")
+    assert _ids(page) == [apple, banana] and "X-Total-Count" not in page.headers
+    empty = as_user("get", "/tasks?limit=5", user="nobody")
+    assert _ids(empty) == [] and empty.headers["X-Total-Count"] == "0"
+
+
+@pytest.mark.parametrize("sort", ["created", "updated", "title"])
+@pytest.mark.parametrize("order", ["asc", "desc"])
+def test_pages_never_skip_or_repeat_with_ties(app: Any, as_user: Any, new_task: Any, sort: str, order: str) -> None:
+    ids = [new_task("same title")["id"] for _ in range(7)]
+    # Identical timestamps too, so only the id can break the tie.
+    run_sql(app, "UPDATE tasks SET created_at = (SELECT min(created_at) FROM tasks), "
+                 "updated_at = (SELECT min(created_at) FROM tasks)")
+    seen: list[int] = []
+    for offset in range(0, 7, 3):
+        seen += _ids(as_user("get", f"/tasks?sort={sort}&order={order}&limit=3&offset={offset}"))
+    assert sorted(seen) == sorted(ids) and len(seen) == 7
+    assert seen == sorted(ids, reverse=(order == "desc"))
+
+
+def test_unknown_query_parameters_are_ignored(as_user: Any, three_tasks: Any) -> None:
+    assert len(_ids(as_user("get", "/tasks?_=12345&foo=bar"))) == 3
+
+
+@pytest.mark.parametrize("query,field", [
+    ("status=done", "status"), ("status=", "status"), ("sort=priority", "sort"), ("order=up", "order"),
+    ("limit=0", "limit"), ("limit=1001", "limit"), ("limit=-1", "limit"), ("limit=abc", "limit"),
+    ("limit=1.5", "limit"), ("limit=", "limit"), ("offset=-1", "offset"), ("offset=x", "offset"),
+    ("offset=99999999999999999999", "offset"), ("limit=%EF%BC%91", "limit"),
+])
+def test_invalid_query_parameters_are_422(as_user: Any, query: str, field: str) -> None:
+    _assert_422(as_user("get", f"/tasks?{query}"), field)
+
+
+@pytest.mark.parametrize("limit", ["1", "1000"])
+def test_limit_boundaries_accepted(as_user: Any, limit: str) -> None:
+    response = as_user("get", f"/tasks?limit={limit}")
+    assert response.status_code == 200 and response.headers["X-Total-Count"] == "0"
+
+
+# --- errors are JSON ---------------------------------------------------------------------------
+
+def test_unknown_route_is_json_404(client: Any) -> None:
+    for url in ("/nope", "/api", f"/api/{ALICE}", f"/api/{ALICE}/tasks/1/2", f"/api/{ALICE}/tasks/"):
+        response = client.get(url, headers=auth_headers())
+        assert response.status_code == 404, url
+        assert response.headers["Content-Type"].startswith("application/json")
+        assert response.get_json() == {"detail": "The requested resource was not found."}
+
+
+def test_wrong_method_is_json_405_with_allow(client: Any) -> None:
+    response = client.delete(f"/api/{ALICE}/tasks", headers=auth_headers())
+    assert response.status_code == 405
+    assert set(response.headers["Allow"].split(", ")) >= {"GET", "POST"}
+    assert response.get_json() == {"detail": "This method is not allowed on this URL."}
+    response = client.post(f"/api/{ALICE}/tasks/1/complete", headers=auth_headers())
+    assert response.status_code == 405 and "PATCH" in response.headers["Allow"]
+
+
+def test_unexpected_error_is_json_500_and_logged(app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("secret internals: password=hunter2")
+
+    with caplog.at_level(logging.ERROR):
+        response = app.test_client().get("/boom")
+    assert response.status_code == 500
+    assert response.get_json() == {"detail": "Internal server error"}
+    assert "hunter2" not in response.get_data(as_text=True)
+    assert any("hunter2" in (record.exc_text or "") or record.exc_info for record in caplog.records)
+
+
+def test_database_down_is_503_json(tmp_path: Any) -> None:
+    # Nothing listens on port 1: connections are refused at once.
+    application = make_app("postgresql://postgres@127.0.0.1:1/none", DB_CONNECT_TIMEOUT=2)
+    client = application.test_client()
+    started = time.monotonic()
+    response = client.get(f"/api/{ALICE}/tasks", headers=auth_headers())
+    assert response.status_code == 503 and "database" in response.get_json()["detail"].lower()
+    assert response.headers["Retry-After"]
+    assert client.post(f"/api/{ALICE}/tasks", json={"title": "x"}, headers=auth_headers()).status_code == 503
+    ready = client.get("/health/ready")
+    assert ready.status_code == 503 and ready.get_json()["detail"]
+    assert client.get("/health").status_code == 200
+    # Still 401 first, even with the database down.
+    assert client.get(f"/api/{ALICE}/tasks").status_code == 401
+    assert time.monotonic() - started < 10
+
+
+def test_database_that_does_not_answer_times_out_as_503() -> None:
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # accepts TCP, never speaks: the connect timeout must end the wait
+    port = silent.getsockname()[1]
+    try:
+        application = make_app(f"postgresql://postgres@127.0.0.1:{port}/none", DB_CONNECT_TIMEOUT=2)
+        started = time.monotonic()
+        response = application.test_client().get(f"/api/{ALICE}/tasks", headers=auth_headers())
+        assert response.status_code == 503
+        assert time.monotonic() - started < 15
+    finally:
+        silent.close()
+
+
+# --- CORS --------------------------------------------------------------------------------------
+
+ORIGIN = "http://localhost:3000"
+
+
+def test_preflight_needs_no_token(client: Any) -> None:
+    response = client.options(f"/api/{ALICE}/tasks/1", headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "DELETE",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert response.status_code == 200
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert "DELETE" in response.headers["Access-Control-Allow-Methods"]
+    allowed = response.headers["Access-Control-Allow-Headers"].lower()
+    assert "authorization" in allowed and "content-type" in allowed
+
+
+@pytest.mark.parametrize("status,request_kwargs", [
+    (401, {}),
+    (403, {"headers": auth_headers(BOB)}),
+    (404, {"headers": auth_headers(), "path": "/tasks/12345"}),
+    (422, {"headers": auth_headers(), "path": "/tasks?limit=0"}),
+])
+def test_cors_headers_on_errors(client: Any, status: int, request_kwargs: dict[str, Any]) -> None:
+    path = request_kwargs.get("path", "/tasks")
+    headers = {"Origin": ORIGIN, **request_kwargs.get("headers", {})}
+    response = client.get(f"/api/{ALICE}{path}", headers=headers)
+    assert response.status_code == status
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert "X-Total-Count" in response.headers["Access-Control-Expose-Headers"]
+
+
+def test_cors_on_500(app: Any) -> None:
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("x")
+
+    response = app.test_client().get("/boom", headers={"Origin": ORIGIN})
+    assert response.status_code == 500 and response.headers["Access-Control-Allow-Origin"] == ORIGIN
+
+
+def test_cors_exposes_location_on_create(as_user: Any) -> None:
+    response = as_user("post", json={"title": "x"}, headers={"Origin": ORIGIN})
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert "Location" in response.headers["Access-Control-Expose-Headers"]
+
+
+def test_unlisted_origin_gets_no_cors_headers(client: Any) -> None:
+    response = client.get(f"/api/{ALICE}/tasks", headers={"Origin": "https://evil.example", **auth_headers()})
+    assert "Access-Control-Allow-Origin" not in response.headers
+
+
+def test_cors_origins_from_configuration(database_url: str) -> None:
+    application = make_app(database_url, CORS_ORIGINS="https://app.example, https://www.app.example")
+    client = application.test_client()
+    for origin in ("https://app.example", "https://www.app.example"):
+        response = client.get("/health", headers={"Origin": origin})
+        assert response.headers["Access-Control-Allow-Origin"] == origin
+    assert "Access-Control-Allow-Origin" not in client.get("/health", headers={"Origin": ORIGIN}).headers
+    application.extensions["tasks_api"].engine.dispose()
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+def test_missing_secret_refuses_to_start(database_url: str) -> None:
+    with pytest.raises(RuntimeError, match="BETTER_AUTH_SECRET is not set"):
+        create_app({"DATABASE_URL": database_url})
+
+
+def test_short_secret_warns(database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        application = make_app(database_url, BETTER_AUTH_SECRET="short")
+    assert any("shorter than 32 bytes" in record.getMessage() for record in caplog.records)
+    assert all("short" != record.getMessage() for record in caplog.records)
+    application.extensions["tasks_api"].engine.dispose()
+
+
+def test_dev_secret_only_when_allowed(database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        application = create_app({"DATABASE_URL": database_url, "ALLOW_DEV_SECRET": True})
+    assert application.config["BETTER_AUTH_SECRET"] == DEV_SECRET
+    assert any("DEVELOPMENT secret" in record.getMessage() for record in caplog.records)
+    application.extensions["tasks_api"].engine.dispose()
+
+
+def test_environment_is_read_and_mapping_wins(monkeypatch: pytest.MonkeyPatch, database_url: str) -> None:
+    monkeypatch.setenv("BETTER_AUTH_SECRET", "from-the-environment-0123456789abcdef")
+    monkeypatch.setenv("DB_POOL_SIZE", "7")
+    monkeypatch.setenv("CORS_ORIGINS", "https://env.example")
+    application = create_app({"DATABASE_URL": database_url, "CORS_ORIGINS": "https://mapping.example"})
+    assert application.config["BETTER_AUTH_SECRET"] == "from-the-environment-0123456789abcdef"
+    assert application.config["DB_POOL_SIZE"] == 7
+    assert application.config["CORS_ORIGINS"] == "https://mapping.example"
+    application.extensions["tasks_api"].engine.dispose()
+
+
+def test_bad_integer_setting_is_a_clear_error(database_url: str) -> None:
+    with pytest.raises(RuntimeError, match="DB_POOL_SIZE must be a whole number"):
+        make_app(database_url, DB_POOL_SIZE="many")
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("postgres://u:p@host/db", "postgresql+psycopg2://u:p@host/db"),
+    ("postgresql://u:p@ep-x-pooler.neon.tech/neondb?sslmode=require&channel_binding=require",
+     "postgresql+psycopg2://u:p@ep-x-pooler.neon.tech/neondb?sslmode=require&channel_binding=require"),
+    ("postgresql+psycopg2://u@h:5433/d", "postgresql+psycopg2://u@h:5433/d"),
+    ("sqlite:///tasks.db", "sqlite:///tasks.db"),
+    ("postgres://u:p%40ss@h/d", "postgresql+psycopg2://u:p%40ss@h/d"),
+])
+def test_database_url_normalisation(raw: str, expected: str) -> None:
+    assert normalise_database_url(raw) == expected
+
+
+def test_database_url_default_is_sqlite_file_in_working_directory(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Any) -> None:
+    monkeypatch.chdir(tmp_path)
+    application = create_app({"BETTER_AUTH_SECRET": SECRET})
+    assert application.config["DATABASE_URL"] == "sqlite:///tasks.db"
+    assert (tmp_path / "tasks.db").exists()
+    application.extensions["tasks_api"].engine.dispose()
+
+
+def test_token_cli_prints_a_valid_token(app: Any) -> None:
+    result = app.test_cli_runner().invoke(args=["token", "carol", "--email", "c@example.com"])
+    assert result.exit_code == 0
+    claims = jwt.decode(result.output.strip(), SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "carol" and claims["email"] == "c@example.com" and claims["exp"] > time.time()
+
+
+def test_issued_token_works_against_the_api(client: Any) -> None:
+    token = issue_token(SECRET, "dave")
+    response = client.get("/api/dave/tasks", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200
+
+
+# --- users table -------------------------------------------------------------------------------
+
+def test_first_write_registers_user_from_claims(app: Any, client: Any) -> None:
+    headers = auth_headers("erin", email="erin@example.com", name="Erin")
+    assert client.post("/api/erin/tasks", json={"title": "a"}, headers=headers).status_code == 201
+    assert client.post("/api/erin/tasks", json={"title": "b"}, headers=headers).status_code == 201
+    assert run_sql(app, "SELECT id, email, name FROM users") == [("erin", "erin@example.com", "Erin")]
+
+
+def test_reads_do_not_register_users(app: Any, as_user: Any) -> None:
+    as_user("get", user="reader")
+    assert run_sql(app, "SELECT count(*) FROM users")[0][0] == 0
+
+
+def test_deleting_a_user_cascades_to_tasks(app: Any, new_task: Any, as_user: Any) -> None:
+    new_task("a"), new_task("b"), new_task("keep", user=BOB)
+    run_sql(app, "DELETE FROM users WHERE id = :id", id=ALICE)
+    assert run_sql(app, "SELECT user_id FROM tasks") == [(BOB,)]
+    # This service owns the users table, so a valid token registers the user again.
+    assert as_user("post", json={"title": "again"}).status_code == 201
+
+
+def test_restart_recognises_its_own_users_table(database_url: str) -> None:
+    first = make_app(database_url)
+    assert first.extensions["tasks_api"].schema.users.owned
+    first.extensions["tasks_api"].engine.dispose()
+    second = make_app(database_url)
+    assert second.extensions["tasks_api"].schema.users.owned
+    client = second.test_client()
+    assert client.post("/api/fay/tasks", json={"title": "x"}, headers=auth_headers("fay")).status_code == 201
+    second.extensions["tasks_api"].engine.dispose()
+
+
+def _create_auth_owned_table(database_url: str, name: str) -> Any:
+    engine = create_engine(normalise_database_url(database_url), isolation_level="AUTOCOMMIT")
+    quoted = engine.dialect.identifier_preparer.quote(name)
+    with engine.connect() as connection:
+        connection.execute(text(f"CREATE TABLE {quoted} (id TEXT PRIMARY KEY, name TEXT NOT NULL, "
+                                f"email TEXT NOT NULL, \"emailVerified\" BOOLEAN NOT NULL DEFAULT false)"))
+        connection.execute(text(f"INSERT INTO {quoted} (id, name, email) VALUES ('alice', 'Alice', 'a@x')"))
+    return engine
+
+
+@pytest.mark.parametrize("table,configured", [("user", None), ("users", None), ("accounts", "accounts")])
+def test_auth_owned_users_table_is_used_and_never_written(database_url: str, table: str,
+                                                          configured: str | None) -> None:
+    engine = _create_auth_owned_table(database_url, table)
+    application = make_app(database_url, USERS_TABLE=configured)
+    users = application.extensions["tasks_api"].schema.users
+    assert (users.name, users.owned) == (table, False)
+    client = application.test_client()
+    created = client.post(f"/api/{ALICE}/tasks", json={"title": "x"}, headers=auth_headers(ALICE))
+    assert created.status_code == 201
+    # A user the auth provider does not know (a deleted account): 401, not 500, and nothing written.
+    ghost = client.post("/api/ghost/tasks", json={"title": "x"}, headers=auth_headers("ghost"))
+    assert ghost.status_code == 401 and ghost.headers["WWW-Authenticate"].startswith("Bearer")
+    quoted = engine.dialect.identifier_preparer.quote(table)
+    assert run_sql(application, f"SELECT id FROM {quoted}") == [(ALICE,)]
+    assert run_sql(application, "SELECT user_id FROM tasks") == [(ALICE,)]
+    # The auth provider deleting the account takes its tasks with it (the app's engine: SQLite
+    # enforces foreign keys only on connections that ask for it).
+    run_sql(application, f"DELETE FROM {quoted} WHERE id = 'alice'")
+    assert run_sql(application, "SELECT count(*) FROM tasks")[0][0] == 0
+    assert not inspect(engine).has_table("users") or table == "users"
+    application.extensions["tasks_api"].engine.dispose()
+    engine.dispose()
+
+
+def test_users_table_setting_naming_a_missing_table_is_an_error(database_url: str) -> None:
+    with pytest.raises(RuntimeError, match="USERS_TABLE names the table 'members', which does not exist"):
+        make_app(database_url, USERS_TABLE="members")
+
+
+# --- concurrency -------------------------------------------------------------------------------
+
+def _in_threads(count: int, work: Callable[[int], Any]) -> list[Any]:
+    results: list[Any] = [None] * count
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(count)
+
+    def run(index: int) -> None:
+        try:
+            barrier.wait()
+            results[index] = work(index)
+        except BaseException as error:  # collected and re-raised in the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    if errors:
+        raise errors[0]
+    return results
+
+
+@postgres_only
+def test_concurrent_toggles_with_body_end_in_requested_state(app: Any, new_task: Any) -> None:
+    task = new_task()
+    path = f"/api/{ALICE}/tasks/{task['id']}/complete"
+
+    def toggle(index: int) -> int:
+        client = app.test_client()
+        statuses = []
+        for round_number in range(5):
+            wanted = (index + round_number) % 2 == 0
+            statuses.append(client.patch(path, json={"completed": wanted}, headers=auth_headers()).status_code)
+        # Everyone's last word is the same: the task must end completed.
+        statuses.append(client.patch(path, json={"completed": True}, headers=auth_headers()).status_code)
+        return statuses
+
+    results = _in_threads(8, toggle)
+    assert all(status == 200 for statuses in results for status in statuses)
+    assert run_sql(app, "SELECT completed FROM tasks WHERE id = :id", id=task["id"]) == [(True,)]
+
+
+@postgres_only
+def test_concurrent_flips_lose_no_update(app: Any, new_task: Any) -> None:
+    task = new_task()
+    path = f"/api/{ALICE}/tasks/{task['id']}/complete"
+    flips = _in_threads(8, lambda _: [app.test_client().patch(path, headers=auth_headers()).status_code
+                                      for _ in range(5)])
+    assert sum(len(statuses) for statuses in flips) == 40
+    assert run_sql(app, "SELECT completed FROM tasks WHERE id = :id", id=task["id"]) == [(False,)]
+
+
+@postgres_only
+def test_concurrent_updates_leave_newest_updated_at(app: Any, new_task: Any) -> None:
+    task = new_task()
+    path = f"/api/{ALICE}/tasks/{task['id']}"
+    responses = _in_threads(8, lambda index: app.test_client().put(
+        path, json={"title": f"title {index}"}, headers=auth_headers()).get_json())
+    final = app.test_client().get(path, headers=auth_headers()).get_json()
+    assert final["title"] in {f"title {index}" for index in range(8)}
+    assert parse_time(final["updated_at"]) >= max(parse_time(body["updated_at"]) for body in responses)
+
+
+def test_app_instances_create_tables_at_once_on_empty_database(database_url: str) -> None:
+    apps = _in_threads(4, lambda _: make_app(database_url))
+    engine = apps[0].extensions["tasks_api"].engine
+    assert {"tasks", "users"} <= set(inspect(engine).get_table_names())
+    clients = [application.test_client() for application in apps]
+    for index, client in enumerate(clients):
+        assert client.post(f"/api/{ALICE}/tasks", json={"title": f"t{index}"},
+                           headers=auth_headers()).status_code == 201
+    assert run_sql(apps[0], "SELECT count(*) FROM tasks")[0][0] == 4
+    for application in apps:
+        application.extensions["tasks_api"].engine.dispose()
+
+
+def test_schema_created_on_first_use_when_database_was_down(database_url: str, monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    import models
+
+    real_create = models.create_schema
+    calls = {"count": 0}
+
+    def flaky_create(engine: Any, users_table: Any = None) -> Any:
+        calls["count"] += 1
+        if calls["count"] == 1:
+            raise models.exc.OperationalError("SELECT 1", {}, Exception("database is waking up"))
+        return real_create(engine, users_table)
+
+    monkeypatch.setattr(models, "create_schema", flaky_create)
+    with caplog.at_level(logging.WARNING):
+        application = make_app(database_url)
+    assert any("unreachable at startup" in record.getMessage() for record in caplog.records)
+    response = application.test_client().post(f"/api/{ALICE}/tasks", json={"title": "x"}, headers=auth_headers())
+    assert response.status_code == 201 and calls["count"] == 2
+    application.extensions["tasks_api"].engine.dispose()
+
+
+# --- round trips (issue 4): one statement per request on PostgreSQL -----------------------------
+
+@postgres_only
+def test_each_request_is_one_statement(app: Any, as_user: Any, new_task: Any) -> None:
+    engine = app.extensions["tasks_api"].engine
+    statements: list[str] = []
+    new_task("warm up")  # registers alice and opens the pool's connection
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    def cost(method: str, path: str = "/tasks", **kwargs: Any) -> int:
+        statements.clear()
+        response = as_user(method, path, **kwargs)
+        assert response.status_code < 300, response.get_json()
+        return len(statements)
+
+    task_id = new_task("measured")["id"]
+    assert cost("post", json={"title": "x"}) == 1
+    assert cost("get") == 1
+    assert cost("get", "/tasks?limit=2&sort=title") == 1
+    assert cost("get", f"/tasks/{task_id}") == 1
+    assert cost("put", f"/tasks/{task_id}", json={"title": "y"}) == 1
+    assert cost("patch", f"/tasks/{task_id}/complete") == 1
+    assert cost("patch", f"/tasks/{task_id}/complete", json={"completed": True}) == 1
+    assert cost("delete", f"/tasks/{task_id}") == 1
+    # No BEGIN/COMMIT are sent around these: the connections are in autocommit.
+    with engine.connect() as connection:
+        assert connection.connection.dbapi_connection.autocommit is True
+    assert not any(s.strip().upper().startswith(("BEGIN", "COMMIT", "ROLLBACK", "SELECT 1")) for s in statements)
+
+
+@postgres_only
+def test_terminated_idle_connection_is_replaced_without_error(app: Any, as_user: Any, new_task: Any) -> None:
+    new_task("before")
+    database = app.extensions["tasks_api"].engine.url.database
+    admin = _admin_connection(TEST_DB_URL)
+    with admin.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE datname = %s AND state = 'idle' AND pid <> pg_backend_pid()", (database,))
+        assert cursor.rowcount >= 1
+    admin.close()
+    time.sleep(0.2)  # let the FATAL message reach the pooled socket
+    for _ in range(3):
+        assert as_user("get").status_code == 200
+    assert as_user("post", json={"title": "after"}).status_code == 201
