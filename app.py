@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import sys
+import time
+import uuid
 import warnings
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import click
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, url_for
+from flask import Blueprint, Flask, Response, current_app, g, has_request_context, jsonify, request, url_for
 from flask_cors import CORS
 from sqlalchemy import Engine, Select, delete, exc as sa_exc, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -23,9 +27,18 @@ from models import Session, SchemaState, Task, UsersTable, make_engine, normalis
 from validation import ListQuery, completed_field, list_query, parse_task_id, read_json_object, task_fields
 
 log = logging.getLogger("tasks_api")
+request_log = logging.getLogger("tasks_api.request")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s request_id=%(request_id)s: %(message)s"
+# A client's X-Request-ID is echoed and logged only when it is this harmless (no CR/LF, no spaces).
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 
 DEFAULTS: dict[str, Any] = {
     "BETTER_AUTH_SECRET": None,
+    "BETTER_AUTH_URL": None,
+    "JWKS_URL": None,
+    # An unknown kid refetches the JWKS at most this often (seconds).
+    "JWKS_REFETCH_SECONDS": 30,
     "DATABASE_URL": "sqlite:///tasks.db",
     "CORS_ORIGINS": "http://localhost:3000",
     "USERS_TABLE": None,
@@ -42,8 +55,8 @@ DEFAULTS: dict[str, Any] = {
     "MAX_CONTENT_LENGTH": 64 * 1024,
 }
 INT_SETTINGS = ("DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT", "DB_CONNECT_TIMEOUT", "DB_IDLE_CHECK_SECONDS")
-ENV_SETTINGS = ("BETTER_AUTH_SECRET", "DATABASE_URL", "CORS_ORIGINS", "USERS_TABLE", "JWT_AUDIENCE",
-                "JWT_ISSUER", "LOG_LEVEL", *INT_SETTINGS)
+ENV_SETTINGS = ("BETTER_AUTH_SECRET", "BETTER_AUTH_URL", "JWKS_URL", "DATABASE_URL", "CORS_ORIGINS",
+                "USERS_TABLE", "JWT_AUDIENCE", "JWT_ISSUER", "LOG_LEVEL", *INT_SETTINGS)
 API_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 KNOWN_USERS_MAX = 100_000
 
@@ -76,10 +89,12 @@ def load_config(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
             config[name] = int(config[name])
         except (TypeError, ValueError):
             raise RuntimeError(f"{name} must be a whole number, not {config[name]!r}.") from None
-    if not config["BETTER_AUTH_SECRET"]:
+    if config["BETTER_AUTH_URL"] and not config["JWKS_URL"]:
+        config["JWKS_URL"] = config["BETTER_AUTH_URL"].rstrip("/") + "/api/auth/jwks"
+    if not config["BETTER_AUTH_SECRET"] and not config["JWKS_URL"]:
         if not config["ALLOW_DEV_SECRET"]:
-            raise RuntimeError("BETTER_AUTH_SECRET is not set: set it to the secret your Better Auth "
-                               "frontend signs tokens with (see README).")
+            raise RuntimeError("BETTER_AUTH_SECRET is not set (nor BETTER_AUTH_URL): set the secret your "
+                               "Better Auth frontend signs tokens with, or its URL for JWKS (see README).")
         config["BETTER_AUTH_SECRET"] = auth.DEV_SECRET
         config["USING_DEV_SECRET"] = True
     return config
@@ -96,11 +111,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     if app.config.get("USING_DEV_SECRET"):
         log.warning("Using the DEVELOPMENT secret: tokens are forgeable. Set BETTER_AUTH_SECRET for real use.")
-    elif len(app.config["BETTER_AUTH_SECRET"].encode()) < auth.MIN_SECRET_BYTES:
+    elif app.config["BETTER_AUTH_SECRET"] and len(app.config["BETTER_AUTH_SECRET"].encode()) < auth.MIN_SECRET_BYTES:
         log.warning("BETTER_AUTH_SECRET is shorter than %d bytes; use a longer random secret.",
                     auth.MIN_SECRET_BYTES)
         # Said once here; PyJWT would otherwise repeat it on every request.
         warnings.filterwarnings("ignore", category=auth.jwt.InsecureKeyLengthWarning)
+
+    if app.config["JWKS_URL"]:
+        app.extensions["jwks"] = _jwks_client(app.config)
 
     engine = make_engine(
         normalise_database_url(app.config["DATABASE_URL"]),
@@ -126,6 +144,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(api)
     app.add_url_rule("/health", view_func=health)
     app.add_url_rule("/health/ready", view_func=health_ready)
+    app.add_url_rule("/openapi.json", view_func=openapi_document)
+    app.add_url_rule("/docs", view_func=api_docs)
+    app.before_request(_start_request)
+    app.after_request(_finish_request)
 
     @app.teardown_appcontext
     def remove_session(_error: BaseException | None) -> None:
@@ -139,18 +161,68 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     @click.option("--hours", default=24, show_default=True, help="lifetime of the token")
     def token_command(user_id: str, email: str | None, name: str | None, hours: int) -> None:
         """Print a token for USER_ID signed with the configured secret."""
-        click.echo(auth.issue_token(current_app.config["BETTER_AUTH_SECRET"], user_id, email=email,
-                                    name=name, lifetime_seconds=hours * 3600))
+        secret = current_app.config["BETTER_AUTH_SECRET"]
+        if not secret:
+            raise click.ClickException(NO_SECRET_FOR_TOKENS)
+        click.echo(auth.issue_token(secret, user_id, email=email, name=name, lifetime_seconds=hours * 3600))
 
     return app
 
 
+def _jwks_client(config: Mapping[str, Any]) -> auth.JWKSClient:
+    """Better Auth's JWKS, with iss and aud defaulting to its base URL as its jwt plugin sets them."""
+    base_url = (config["BETTER_AUTH_URL"] or "").rstrip("/") or None
+    issuer = config["JWT_ISSUER"] or base_url
+    audience = config["JWT_AUDIENCE"] or base_url
+    if not (issuer and audience):
+        log.warning("JWKS tokens are accepted without an iss or aud check: set BETTER_AUTH_URL, or "
+                    "JWT_ISSUER and JWT_AUDIENCE.")
+    return auth.JWKSClient(config["JWKS_URL"], issuer=issuer, audience=audience,
+                           refetch_seconds=float(config["JWKS_REFETCH_SECONDS"]))
+
+
 def _configure_logging(level: str) -> None:
-    """Log to stderr, once per process, unless the server (gunicorn.conf.py: stdout) set logging up."""
+    """Log to stdout, every record carrying the request id of the request it was made in."""
+    global _record_factory_installed
+    if not _record_factory_installed:
+        base_factory = logging.getLogRecordFactory()
+
+        def record_with_request_id(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            record = base_factory(*args, **kwargs)
+            record.request_id = g.get("request_id", "-") if has_request_context() else "-"
+            return record
+
+        logging.setLogRecordFactory(record_with_request_id)
+        _record_factory_installed = True
     root = logging.getLogger()
     if not root.handlers:
-        logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+
+
+_record_factory_installed = False
+
+
+def _start_request() -> None:
+    """Give the request an id (the client's, when it sent a sane one) and start its clock."""
+    incoming = request.headers.get("X-Request-ID", "")
+    g.request_id = incoming if REQUEST_ID_PATTERN.fullmatch(incoming) else uuid.uuid4().hex
+    g.started = time.perf_counter()
+
+
+def _finish_request(response: Response) -> Response:
+    """Security headers, the request id, and one log line per request (never the token)."""
+    response.headers["X-Request-ID"] = g.get("request_id", "-")
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    if request.path.startswith("/api/"):
+        response.headers["Cache-Control"] = "no-store"
+    claims = g.get("claims")
+    duration_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
+    request_log.info("%s %s %s %.1fms user_id=%s", request.method, request.path, response.status_code,
+                     duration_ms, claims["sub"] if claims else "-")
+    return response
 
 
 def _state() -> AppState:
@@ -180,6 +252,47 @@ def health_ready() -> Response:
         log.warning("readiness check failed: the database did not answer")
         return error_response(503, "The database is unavailable right now.", headers={"Retry-After": "5"})
     return jsonify(status="ok")
+
+
+# --- the API's description ----------------------------------------------------------------------
+
+def openapi_document() -> Response:
+    """The OpenAPI 3.1 document of this API; no auth."""
+    return current_app.response_class(OPENAPI_PATH.read_bytes(), mimetype="application/json")
+
+
+DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Tasks API</title>
+<style>body{font:15px/1.5 system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}
+code{background:#f3f3f3;padding:0 .25rem}.op{margin:.75rem 0;padding:.5rem .75rem;border-left:4px solid #888}
+.m{font-weight:bold;display:inline-block;min-width:4.5rem}</style></head>
+<body><h1>Tasks API</h1><p>The machine-readable document: <a href="/openapi.json">/openapi.json</a>.</p>
+<div id="ops">Loading&hellip;</div>
+<script>
+fetch("/openapi.json").then(r => r.json()).then(spec => {
+  const ops = document.getElementById("ops"); ops.textContent = "";
+  for (const [path, item] of Object.entries(spec.paths)) {
+    for (const [method, op] of Object.entries(item)) {
+      if (!op.responses) continue;
+      const div = document.createElement("div"); div.className = "op";
+      const head = document.createElement("div");
+      const m = document.createElement("span"); m.className = "m"; m.textContent = method.toUpperCase();
+      const p = document.createElement("code"); p.textContent = path;
+      head.append(m, p); div.append(head);
+      const summary = document.createElement("div"); summary.textContent = op.summary || "";
+      const codes = document.createElement("div");
+      codes.textContent = "Responses: " + Object.keys(op.responses).join(", ");
+      div.append(summary, codes); ops.append(div);
+    }
+  }
+});
+</script></body></html>
+"""
+
+
+def api_docs() -> Response:
+    """A page listing the API's operations, rendered from /openapi.json with no outside assets."""
+    return current_app.response_class(DOCS_PAGE, mimetype="text/html")
 
 
 # --- the tasks API -----------------------------------------------------------------------------
@@ -382,19 +495,33 @@ def __getattr__(name: str) -> Flask:
     return application
 
 
+NO_SECRET_FOR_TOKENS = ("Tokens are signed with BETTER_AUTH_SECRET (HS256); with Better Auth's JWKS only, "
+                        "get them from Better Auth.")
+
+
 def main(argv: list[str]) -> None:
     """`python app.py`: the local server on 127.0.0.1:8000; `python app.py token USER`: a token."""
-    application = create_app({"ALLOW_DEV_SECRET": True})
-    secret = application.config["BETTER_AUTH_SECRET"]
-    if argv[:1] == ["token"] and len(argv) == 2:
+    if argv[:1] == ["token"]:
+        if len(argv) != 2:
+            sys.exit("usage: python app.py token USER_ID")
+        # Quiet, so that the token alone goes to stdout: T=$(python app.py token alice).
+        secret = create_app({"ALLOW_DEV_SECRET": True, "LOG_LEVEL": "ERROR"}).config["BETTER_AUTH_SECRET"]
+        if not secret:
+            sys.exit(NO_SECRET_FOR_TOKENS)
         print(auth.issue_token(secret, argv[1], lifetime_seconds=24 * 3600))
         return
+    application = create_app({"ALLOW_DEV_SECRET": True})
+    secret = application.config["BETTER_AUTH_SECRET"]
     port = int(os.environ.get("PORT", "8000"))
+    print(f"\nTasks API on http://127.0.0.1:{port} (database: {application.config['DATABASE_URL']})")
+    if not secret:
+        print("Tokens are verified with Better Auth's JWKS at", application.config["JWKS_URL"], flush=True)
+        application.run(host="127.0.0.1", port=port)
+        return
     token = auth.issue_token(secret, "demo-user", name="Demo User", lifetime_seconds=24 * 3600)
     base = f"http://127.0.0.1:{port}/api/demo-user/tasks"
     header = shlex.quote(f"Authorization: Bearer {token}")
     label = "DEVELOPMENT secret" if application.config.get("USING_DEV_SECRET") else "BETTER_AUTH_SECRET"
-    print(f"\nTasks API on http://127.0.0.1:{port} (database: {application.config['DATABASE_URL']})")
     print(f"A token for user 'demo-user', signed with the {label}, valid 24 h. Try:\n")
     print(f"  curl -s -H {header} -H 'Content-Type: application/json' \\\n"
           f"       -d '{{\"title\": \"Buy milk\"}}' {base}\n")

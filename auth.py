@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import re
+import threading
 import time
+import urllib.request
 from typing import Any, Callable, TypeVar
 
 import jwt
@@ -12,7 +16,12 @@ from flask import current_app, g, request
 
 from errors import ApiError
 
+log = logging.getLogger(__name__)
+
 ALGORITHMS = ["HS256"]  # pinned: the algorithm named in a token's header is never trusted
+# What Better Auth's jwt plugin can sign with; verified only with keys from its JWKS, never
+# with the shared secret, and an HS256 token is never verified with JWKS key material.
+JWKS_ALGORITHMS = frozenset({"EdDSA", "ES256", "ES512", "RS256", "PS256"})
 LEEWAY_SECONDS = 30
 MIN_SECRET_BYTES = 32
 DEV_SECRET = "dev-only-insecure-secret-do-not-use-in-production"
@@ -39,20 +48,41 @@ def bearer_token() -> str:
 
 
 def verify_token(token: str) -> dict[str, Any]:
-    """Decode and verify a token's signature and claims; any failure is a 401."""
+    """Verify a token with the secret (HS256) or the JWKS (asymmetric); any failure is a 401."""
     config = current_app.config
+    try:
+        algorithm = jwt.get_unverified_header(token).get("alg")
+    except jwt.PyJWTError:
+        raise _unauthorized("The token is invalid; sign in again.", token_sent=True) from None
+    jwks: JWKSClient | None = current_app.extensions.get("jwks")
+    if algorithm == "HS256" and config.get("BETTER_AUTH_SECRET"):
+        key: Any = config["BETTER_AUTH_SECRET"]
+        algorithms = ALGORITHMS
+        issuer, audience = config.get("JWT_ISSUER"), config.get("JWT_AUDIENCE")
+    elif algorithm in JWKS_ALGORITHMS and jwks is not None:
+        signing_key = jwks.key_for(token, algorithm)
+        key, algorithms = signing_key.key, [algorithm]
+        issuer, audience = jwks.issuer, jwks.audience
+    else:
+        raise _unauthorized("The token is invalid; sign in again.", token_sent=True)
+    return _decode(token, key, algorithms, issuer=issuer, audience=audience)
+
+
+def _decode(token: str, key: Any, algorithms: list[str], *, issuer: str | None,
+            audience: str | None) -> dict[str, Any]:
+    """Check signature and claims with pinned algorithms; exp and sub are required."""
     try:
         claims = jwt.decode(
             token,
-            config["BETTER_AUTH_SECRET"],
-            algorithms=ALGORITHMS,
+            key,
+            algorithms=algorithms,
             leeway=LEEWAY_SECONDS,
-            audience=config.get("JWT_AUDIENCE"),
-            issuer=config.get("JWT_ISSUER"),
+            audience=audience,
+            issuer=issuer,
             options={
                 "require": ["exp", "sub"],
                 # An aud claim is checked only when the service is told which audience it is.
-                "verify_aud": bool(config.get("JWT_AUDIENCE")),
+                "verify_aud": bool(audience),
             },
         )
     except jwt.ExpiredSignatureError:
@@ -63,6 +93,86 @@ def verify_token(token: str) -> dict[str, Any]:
     if not isinstance(subject, str) or not subject:
         raise _unauthorized("The token is invalid; sign in again.", token_sent=True)
     return claims
+
+
+class JWKSClient:
+    """Better Auth's public keys, fetched from its JWKS URL and cached in the process.
+
+    An unknown kid (a rotated key) triggers a refetch, at most once per refetch_seconds, so a
+    flood of tokens with made-up kids cannot turn into a flood of requests to the auth server.
+    """
+
+    def __init__(self, url: str, *, issuer: str | None, audience: str | None, refetch_seconds: float = 30,
+                 timeout_seconds: float = 5) -> None:
+        self.url = url
+        self.issuer = issuer
+        self.audience = audience
+        self._refetch_seconds = refetch_seconds
+        self._timeout = timeout_seconds
+        self._lock = threading.Lock()
+        self._keys: dict[str | None, jwt.PyJWK] = {}
+        self._fetched_at: float | None = None
+        self._last_fetch_failed = False
+
+    def key_for(self, token: str, algorithm: str) -> jwt.PyJWK:
+        """The key that signed the token, by its kid; 401 if unknown, 503 if the JWKS is unreachable."""
+        kid = jwt.get_unverified_header(token).get("kid")
+        key = self._keys.get(kid)
+        if key is None:
+            with self._lock:
+                key = self._keys.get(kid)
+                if key is None and self._may_refetch():
+                    self._refresh()
+                    key = self._keys.get(kid)
+        if key is None and self._last_fetch_failed:
+            raise _jwks_unavailable()
+        if key is None or key.algorithm_name != algorithm:
+            raise _unauthorized("The token is invalid; sign in again.", token_sent=True)
+        return key
+
+    def _may_refetch(self) -> bool:
+        return self._fetched_at is None or time.monotonic() - self._fetched_at >= self._refetch_seconds
+
+    def _refresh(self) -> None:
+        """Fetch the key set; on failure keep the keys we had and answer 503 if we had none."""
+        try:
+            with urllib.request.urlopen(self.url, timeout=self._timeout) as response:
+                document = json.load(response)
+            keys: dict[str | None, jwt.PyJWK] = {}
+            for entry in document.get("keys", []):
+                try:
+                    key = jwt.PyJWK(entry, entry.get("alg") or _default_algorithm(entry))
+                except jwt.PyJWTError:
+                    continue  # a key type or algorithm we do not use
+                if key.algorithm_name in JWKS_ALGORITHMS:
+                    keys[entry.get("kid")] = key
+        except (OSError, ValueError, AttributeError) as error:
+            # Counts as a fetch, so an outage does not turn every request into a new attempt.
+            self._fetched_at = time.monotonic()
+            self._last_fetch_failed = True
+            log.warning("could not fetch the JWKS from %s: %s", self.url, type(error).__name__)
+            raise _jwks_unavailable() from None
+        self._keys = keys
+        self._fetched_at = time.monotonic()
+        self._last_fetch_failed = False
+        log.info("fetched %d signing key(s) from the JWKS", len(keys))
+
+
+def _jwks_unavailable() -> ApiError:
+    return ApiError(503, "The sign-in service's keys could not be fetched; try again shortly.",
+                    headers={"Retry-After": "5"})
+
+
+def _default_algorithm(entry: dict[str, Any]) -> str | None:
+    """The algorithm a JWK without an `alg` is for, from its key type and curve."""
+    kty, crv = entry.get("kty"), entry.get("crv")
+    if kty == "OKP":
+        return "EdDSA"
+    if kty == "EC":
+        return {"P-256": "ES256", "P-521": "ES512"}.get(crv)
+    if kty == "RSA":
+        return "RS256"
+    return None
 
 
 def require_owner(view: F) -> F:

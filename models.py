@@ -331,7 +331,7 @@ def _create_schema_locked(connection: Any, configured: str | None) -> UsersTable
         owned = True
         _create_ignoring_race(connection, users)
     _create_ignoring_race(connection, _tasks_table_for(name, metadata))
-    log.info("users table: %s (%s)", name, "owned by this service" if owned else "owned by the auth provider")
+    log.debug("users table: %s (%s)", name, "owned by this service" if owned else "owned by the auth provider")
     return UsersTable(users, owned)
 
 

@@ -6,18 +6,25 @@ test runner does), use only that, and drop it at the end. DATABASE_URL is never 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
 from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
 
 import jwt
 import psycopg2
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 
@@ -727,8 +734,6 @@ def test_database_down_is_503_json(tmp_path: Any) -> None:
 
 
 def test_database_that_does_not_answer_times_out_as_503() -> None:
-    import socket
-
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(1)  # accepts TCP, never speaks: the connect timeout must end the wait
@@ -1097,3 +1102,307 @@ def test_terminated_idle_connection_is_replaced_without_error(app: Any, as_user:
     for _ in range(3):
         assert as_user("get").status_code == 200
     assert as_user("post", json={"title": "after"}).status_code == 201
+
+
+# --- Better Auth's JWKS (asymmetric tokens) ----------------------------------------------------
+
+AUTH_URL = "http://auth.test"
+
+
+class SigningKey:
+    """A generated key pair with its public JWK, as Better Auth's jwt plugin would publish it."""
+
+    def __init__(self, algorithm: str, kid: str) -> None:
+        self.algorithm, self.kid = algorithm, kid
+        if algorithm == "EdDSA":
+            self.private = ed25519.Ed25519PrivateKey.generate()
+            jwk = OKPAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+        elif algorithm == "ES256":
+            self.private = ec.generate_private_key(ec.SECP256R1())
+            jwk = ECAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+        else:
+            self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            jwk = RSAAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+        self.jwk = {**jwk, "kid": kid, "alg": algorithm}
+
+    def public_pem(self) -> bytes:
+        return self.private.public_key().public_bytes(serialization.Encoding.PEM,
+                                                      serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def token(self, sub: str = ALICE, *, kid: str | None = None, **claims: Any) -> str:
+        now = _now()
+        payload = {"sub": sub, "iat": now, "exp": now + 900, "iss": AUTH_URL, "aud": AUTH_URL, **claims}
+        return jwt.encode(payload, self.private, algorithm=self.algorithm, headers={"kid": kid or self.kid})
+
+
+class JWKSServer:
+    """A JWKS endpoint in a thread of the test process; counts fetches; can be taken down."""
+
+    def __init__(self, keys: list[SigningKey]) -> None:
+        self.keys = list(keys)
+        self.fetches = 0
+        self.failing = False
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                server.fetches += 1
+                if server.failing:
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                body = json.dumps({"keys": [key.jwk for key in server.keys]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/api/auth/jwks"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def signing_keys() -> dict[str, SigningKey]:
+    return {algorithm: SigningKey(algorithm, f"kid-{algorithm}") for algorithm in ("EdDSA", "ES256", "RS256")}
+
+
+@pytest.fixture
+def jwks_server(signing_keys: dict[str, SigningKey]) -> Iterator[JWKSServer]:
+    server = JWKSServer(list(signing_keys.values()))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def jwks_app(database_url: str, jwks_server: JWKSServer) -> Iterator[Any]:
+    application = make_app(database_url, BETTER_AUTH_URL=AUTH_URL, JWKS_URL=jwks_server.url,
+                           JWKS_REFETCH_SECONDS=60)
+    yield application
+    application.extensions["tasks_api"].engine.dispose()
+
+
+def _get_tasks(application: Any, token: str, user: str = ALICE) -> Any:
+    return application.test_client().get(f"/api/{user}/tasks", headers={"Authorization": f"Bearer {token}"})
+
+
+@pytest.mark.parametrize("algorithm", ["EdDSA", "ES256", "RS256"])
+def test_jwks_tokens_of_each_algorithm_are_accepted(jwks_app: Any, signing_keys: dict[str, SigningKey],
+                                                    algorithm: str) -> None:
+    token = signing_keys[algorithm].token()
+    assert _get_tasks(jwks_app, token).status_code == 200
+    created = jwks_app.test_client().post(f"/api/{ALICE}/tasks", json={"title": "via JWKS"},
+                                          headers={"Authorization": f"Bearer {token}"})
+    assert created.status_code == 201 and created.get_json()["user_id"] == ALICE
+    assert _get_tasks(jwks_app, token, user=BOB).status_code == 403
+
+
+def test_hs256_keeps_working_beside_jwks(jwks_app: Any) -> None:
+    assert _get_tasks(jwks_app, make_token()).status_code == 200
+
+
+def test_jwks_is_fetched_once_and_cached(jwks_app: Any, jwks_server: JWKSServer,
+                                         signing_keys: dict[str, SigningKey]) -> None:
+    for _ in range(5):
+        assert _get_tasks(jwks_app, signing_keys["EdDSA"].token()).status_code == 200
+    assert jwks_server.fetches == 1
+
+
+def test_jwks_key_rotation_is_picked_up(database_url: str, jwks_server: JWKSServer,
+                                        signing_keys: dict[str, SigningKey]) -> None:
+    application = make_app(database_url, BETTER_AUTH_URL=AUTH_URL, JWKS_URL=jwks_server.url,
+                           JWKS_REFETCH_SECONDS=0)
+    assert _get_tasks(application, signing_keys["EdDSA"].token()).status_code == 200
+    rotated = SigningKey("EdDSA", "kid-rotated")
+    jwks_server.keys.append(rotated)
+    assert _get_tasks(application, rotated.token()).status_code == 200
+    assert jwks_server.fetches == 2
+    application.extensions["tasks_api"].engine.dispose()
+
+
+def test_unknown_kid_is_401_and_refetches_at_most_once_per_interval(jwks_app: Any, jwks_server: JWKSServer,
+                                                                     signing_keys: dict[str, SigningKey]) -> None:
+    assert _get_tasks(jwks_app, signing_keys["EdDSA"].token()).status_code == 200
+    for attempt in range(5):
+        response = _get_tasks(jwks_app, signing_keys["EdDSA"].token(kid=f"made-up-{attempt}"))
+        assert response.status_code == 401
+        assert response.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+    # The first fetch was seconds ago, within the 60 s interval: no refetch at all.
+    assert jwks_server.fetches == 1
+
+
+@pytest.mark.parametrize("claims", [
+    {"iss": "https://evil.example"}, {"aud": "https://other.example"}, {"iss": None}, {"aud": None},
+    {"exp": 1_000_000_000}, {"sub": ""},
+], ids=["wrong iss", "wrong aud", "no iss", "no aud", "expired", "empty sub"])
+def test_jwks_token_claims_are_checked(jwks_app: Any, signing_keys: dict[str, SigningKey],
+                                       claims: dict[str, Any]) -> None:
+    key = signing_keys["ES256"]
+    now = _now()
+    payload = {"sub": ALICE, "iat": now, "exp": now + 900, "iss": AUTH_URL, "aud": AUTH_URL, **claims}
+    payload = {name: value for name, value in payload.items() if value is not None}
+    token = jwt.encode(payload, key.private, algorithm="ES256", headers={"kid": key.kid})
+    assert _get_tasks(jwks_app, token).status_code == 401
+
+
+def test_jwks_token_signed_by_another_key_with_known_kid_is_401(jwks_app: Any,
+                                                                signing_keys: dict[str, SigningKey]) -> None:
+    impostor = SigningKey("EdDSA", signing_keys["EdDSA"].kid)
+    assert _get_tasks(jwks_app, impostor.token()).status_code == 401
+
+
+def test_jwks_token_whose_alg_differs_from_its_key_is_401(jwks_app: Any,
+                                                          signing_keys: dict[str, SigningKey]) -> None:
+    # Signed with the ES256 key but claiming the RS256 key's kid.
+    assert _get_tasks(jwks_app, signing_keys["ES256"].token(kid="kid-RS256")).status_code == 401
+
+
+@pytest.mark.parametrize("with_secret", [True, False])
+def test_hs256_token_is_never_verified_with_jwks_key_material(database_url: str, jwks_server: JWKSServer,
+                                                              signing_keys: dict[str, SigningKey],
+                                                              with_secret: bool) -> None:
+    """Algorithm confusion: an HS256 token 'signed' with a public key the JWKS publishes."""
+    application = make_app(database_url, BETTER_AUTH_URL=AUTH_URL, JWKS_URL=jwks_server.url,
+                           BETTER_AUTH_SECRET=SECRET if with_secret else None)
+    rsa_key, ed_key = signing_keys["RS256"], signing_keys["EdDSA"]
+    now = _now()
+    claims = {"sub": ALICE, "iat": now, "exp": now + 900, "iss": AUTH_URL, "aud": AUTH_URL}
+    forged = [
+        # PyJWT itself refuses a PEM public key as an HMAC secret, so sign these by hand.
+        _hs256_by_hand(claims, rsa_key.public_pem(), kid=rsa_key.kid),
+        _hs256_by_hand(claims, json.dumps(rsa_key.jwk).encode(), kid=rsa_key.kid),
+        _hs256_by_hand(claims, jwt.utils.base64url_decode(ed_key.jwk["x"]), kid=ed_key.kid),
+    ]
+    for token in forged:
+        assert _get_tasks(application, token).status_code == 401
+    assert run_sql(application, "SELECT count(*) FROM tasks")[0][0] == 0
+    application.extensions["tasks_api"].engine.dispose()
+
+
+def _hs256_by_hand(claims: dict[str, Any], key: bytes, *, kid: str) -> str:
+    header = jwt.utils.base64url_encode(json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode())
+    payload = jwt.utils.base64url_encode(json.dumps(claims).encode())
+    signing_input = header + b"." + payload
+    signature = jwt.utils.base64url_encode(hmac.new(key, signing_input, hashlib.sha256).digest())
+    return (signing_input + b"." + signature).decode()
+
+
+def test_jwks_down_is_503_not_401(database_url: str, jwks_server: JWKSServer,
+                                  signing_keys: dict[str, SigningKey]) -> None:
+    jwks_server.failing = True
+    application = make_app(database_url, BETTER_AUTH_URL=AUTH_URL, JWKS_URL=jwks_server.url,
+                           JWKS_REFETCH_SECONDS=60)
+    for _ in range(3):
+        response = _get_tasks(application, signing_keys["EdDSA"].token())
+        assert response.status_code == 503
+        assert response.get_json()["detail"] and response.headers["Retry-After"]
+    assert jwks_server.fetches == 1  # an outage is not hammered
+    # HS256 tokens do not depend on the JWKS.
+    assert _get_tasks(application, make_token()).status_code == 200
+    application.extensions["tasks_api"].engine.dispose()
+
+
+def test_jwks_unreachable_host_is_503(database_url: str, signing_keys: dict[str, SigningKey]) -> None:
+    application = make_app(database_url, BETTER_AUTH_URL=AUTH_URL, JWKS_URL="http://127.0.0.1:1/jwks")
+    assert _get_tasks(application, signing_keys["RS256"].token()).status_code == 503
+    application.extensions["tasks_api"].engine.dispose()
+
+
+def test_jwks_comes_back_after_an_outage(database_url: str, jwks_server: JWKSServer,
+                                         signing_keys: dict[str, SigningKey]) -> None:
+    jwks_server.failing = True
+    application = make_app(database_url, BETTER_AUTH_URL=AUTH_URL, JWKS_URL=jwks_server.url,
+                           JWKS_REFETCH_SECONDS=0)
+    assert _get_tasks(application, signing_keys["EdDSA"].token()).status_code == 503
+    jwks_server.failing = False
+    assert _get_tasks(application, signing_keys["EdDSA"].token()).status_code == 200
+    application.extensions["tasks_api"].engine.dispose()
+
+
+def test_better_auth_url_sets_jwks_url_and_claims(database_url: str) -> None:
+    application = make_app(database_url, BETTER_AUTH_URL="https://app.example/", BETTER_AUTH_SECRET=None)
+    client = application.extensions["jwks"]
+    assert client.url == "https://app.example/api/auth/jwks"
+    assert (client.issuer, client.audience) == ("https://app.example", "https://app.example")
+    # JWKS only: an HS256 token, even with a well-known secret, is refused.
+    assert _get_tasks(application, make_token(secret=DEV_SECRET)).status_code == 401
+    application.extensions["tasks_api"].engine.dispose()
+
+
+# --- request logs and security headers ---------------------------------------------------------
+
+def test_every_response_has_a_request_id(client: Any) -> None:
+    ids = set()
+    for url, headers in (("/health", {}), ("/nope", {}), (f"/api/{ALICE}/tasks", {}),
+                         (f"/api/{ALICE}/tasks", auth_headers())):
+        response = client.get(url, headers=headers)
+        request_id = response.headers["X-Request-ID"]
+        assert len(request_id) == 32 and int(request_id, 16) >= 0
+        ids.add(request_id)
+    assert len(ids) == 4
+
+
+@pytest.mark.parametrize("sent,echoed", [
+    ("abc-123.DEF_456:7", True), ("x" * 128, True), ("x" * 129, False), ("has space", False),
+    ("semi;colon", False), ("", False), ("ünicode", False),
+])
+def test_request_id_is_taken_from_the_request_when_sane(client: Any, sent: str, echoed: bool) -> None:
+    response = client.get("/health", headers={"X-Request-ID": sent})
+    assert (response.headers["X-Request-ID"] == sent) == echoed
+
+
+def test_one_log_line_per_request_without_the_token(app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    token = make_token()
+    with caplog.at_level(logging.INFO, logger="tasks_api.request"):
+        response = app.test_client().post(f"/api/{ALICE}/tasks", json={"title": "x"},
+                                          headers={"Authorization": f"Bearer {token}", "X-Request-ID": "req-42"})
+        app.test_client().get(f"/api/{ALICE}/tasks/999", headers={"Authorization": f"Bearer {token}"})
+    lines = [record for record in caplog.records if record.name == "tasks_api.request"]
+    assert len(lines) == 2
+    first = logging.Formatter(app_module.LOG_FORMAT).format(lines[0])
+    assert f"POST /api/{ALICE}/tasks 201 " in first and "ms user_id=alice" in first
+    assert "request_id=req-42" in first and response.headers["X-Request-ID"] == "req-42"
+    assert " 404 " in lines[1].getMessage()
+    assert all(token not in record.getMessage() and token.split(".")[2] not in record.getMessage()
+               for record in caplog.records)
+
+
+def test_error_log_lines_carry_the_request_id(app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("x")
+
+    with caplog.at_level(logging.ERROR):
+        response = app.test_client().get("/boom", headers={"X-Request-ID": "trace-me"})
+    errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert errors and all(record.request_id == "trace-me" for record in errors)
+    assert response.headers["X-Request-ID"] == "trace-me"
+
+
+def test_anonymous_request_logs_no_user(app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="tasks_api.request"):
+        app.test_client().get(f"/api/{ALICE}/tasks")
+    assert any("401" in record.getMessage() and "user_id=-" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("url,authenticated", [
+    (f"/api/{ALICE}/tasks", True), (f"/api/{ALICE}/tasks", False), (f"/api/{ALICE}/tasks/5", True),
+])
+def test_api_responses_are_not_cached_and_not_sniffed(client: Any, url: str, authenticated: bool) -> None:
+    response = client.get(url, headers=auth_headers() if authenticated else {})
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_every_response_is_nosniff(client: Any) -> None:
+    for url in ("/health", "/nope", "/health/ready"):
+        assert client.get(url).headers["X-Content-Type-Options"] == "nosniff"
