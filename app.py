@@ -133,9 +133,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["tasks_api"] = state
     try:
         state.schema.ensure()
-    except sa_exc.OperationalError:
+    except sa_exc.OperationalError as error:
         # Neon may still be waking up: serve anyway (503s) and create the schema on first use.
-        log.warning("database unreachable at startup; the schema will be created on first use")
+        reason = str(error.orig).strip().splitlines()[0] if error.orig else type(error).__name__
+        log.warning("database unreachable at startup (%s); the schema will be created on first use", reason)
 
     origins = [origin.strip() for origin in app.config["CORS_ORIGINS"].split(",") if origin.strip()]
     CORS(app, origins=origins, methods=API_METHODS, allow_headers=["Authorization", "Content-Type"],
@@ -215,6 +216,8 @@ def _start_request() -> None:
 
 def _finish_request(response: Response) -> Response:
     """Security headers, the request id, and one log line per request (never the token)."""
+    if response.status_code == 204:
+        del response.headers["Content-Type"]  # no body, so no type
     response.headers["X-Request-ID"] = g.get("request_id", "-")
     response.headers["X-Content-Type-Options"] = "nosniff"
     if request.path.startswith("/api/"):
@@ -491,7 +494,10 @@ def __getattr__(name: str) -> Flask:
     """
     if name != "app":
         raise AttributeError(name)
-    application = create_app()
+    try:
+        application = create_app()
+    except RuntimeError as error:  # a configuration mistake: one sentence, not a traceback
+        raise SystemExit(str(error)) from None
     globals()["app"] = application
     return application
 
@@ -502,6 +508,11 @@ NO_SECRET_FOR_TOKENS = ("Tokens are signed with BETTER_AUTH_SECRET (HS256); with
 
 def main(argv: list[str]) -> None:
     """`python app.py`: the local server on 127.0.0.1:8000; `python app.py token USER`: a token."""
+    if argv[:1] in (["-h"], ["--help"]):
+        print("usage: python app.py            serve on http://127.0.0.1:$PORT (8000) for development\n"
+              "       python app.py token USER print a token for USER signed with BETTER_AUTH_SECRET\n"
+              "                                (the development secret when it is not set)")
+        return
     if argv[:1] == ["token"]:
         if len(argv) != 2:
             sys.exit("usage: python app.py token USER_ID")

@@ -87,10 +87,14 @@ def _decode(token: str, key: Any, algorithms: list[str], *, issuer: str | None,
         )
     except jwt.ExpiredSignatureError:
         raise _unauthorized("Your session has expired; sign in again.", token_sent=True) from None
-    except jwt.PyJWTError:
+    except jwt.PyJWTError as error:
+        # The reason, for whoever debugs a frontend/backend mismatch (wrong secret, no exp, ...);
+        # PyJWT's messages name claims and algorithms, never the token or the key.
+        log.info("token rejected: %s: %s", type(error).__name__, error)
         raise _unauthorized("The token is invalid; sign in again.", token_sent=True) from None
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject:
+        log.info("token rejected: sub is not a non-empty string")
         raise _unauthorized("The token is invalid; sign in again.", token_sent=True)
     return claims
 
@@ -184,9 +188,9 @@ def require_owner(view: F) -> F:
     @functools.wraps(view)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         claims = verify_token(bearer_token())
+        g.claims = claims  # the request log names the authenticated user, on a 403 too
         if claims["sub"] != kwargs.get("user_id"):
             raise ApiError(403, "You do not have access to these tasks.")
-        g.claims = claims
         return view(*args, **kwargs)
 
     return wrapped  # type: ignore[return-value]

@@ -1,13 +1,12 @@
-"""gunicorn settings for production (Procfile, Dockerfile) and the benchmark. See README: Performance."""
+"""gunicorn settings for production (Procfile, Dockerfile) and the benchmark (README: Performance)."""
 
-import logging
 import os
 import sys
 
 # Refuse to start, in one sentence, rather than boot workers that would all fail the same way.
-if not os.environ.get("BETTER_AUTH_SECRET"):
-    sys.exit("Refusing to start: BETTER_AUTH_SECRET is not set (the secret your Better Auth frontend "
-             "signs tokens with).")
+if not (os.environ.get("BETTER_AUTH_SECRET") or os.environ.get("BETTER_AUTH_URL") or os.environ.get("JWKS_URL")):
+    sys.exit("Refusing to start: set BETTER_AUTH_SECRET (the secret your Better Auth frontend signs tokens "
+             "with) or BETTER_AUTH_URL (to verify its jwt plugin's tokens with its JWKS).")
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY") or 2 * (os.cpu_count() or 1))
@@ -18,11 +17,10 @@ preload_app = False
 timeout = 30
 graceful_timeout = 25
 keepalive = 5
-accesslog = "-"
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+# The access log is the app's own line per request on stdout (method, path, status, ms, request id,
+# user id: README, Logs); a second line from gunicorn would only repeat it.
+accesslog = None
 errorlog = "-"
-loglevel = os.environ.get("LOG_LEVEL", "info").lower()
-
-# The application logs to stdout next to the access log.
-logging.basicConfig(stream=sys.stdout, level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-                    format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+loglevel = (os.environ.get("LOG_LEVEL") or "info").lower()
+# gunicorn 27's control socket lives in $HOME, which the container's user does not have.
+control_socket_disable = True

@@ -1424,3 +1424,34 @@ def test_api_responses_are_not_cached_and_not_sniffed(client: Any, url: str, aut
 def test_every_response_is_nosniff(client: Any) -> None:
     for url in ("/health", "/nope", "/health/ready"):
         assert client.get(url).headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_204_has_no_content_type(as_user: Any, new_task: Any) -> None:
+    response = as_user("delete", f"/tasks/{new_task()['id']}")
+    assert response.status_code == 204 and "Content-Type" not in response.headers
+
+
+def test_403_log_line_names_the_authenticated_user(app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="tasks_api.request"):
+        app.test_client().get(f"/api/{ALICE}/tasks", headers=auth_headers(BOB))
+    assert any(" 403 " in record.getMessage() and "user_id=bob" in record.getMessage()
+               for record in caplog.records)
+
+
+def test_rejected_token_reason_is_logged_without_the_token(app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    token = make_token(secret=OTHER_SECRET)
+    with caplog.at_level(logging.INFO):
+        app.test_client().get(f"/api/{ALICE}/tasks", headers={"Authorization": f"Bearer {token}"})
+    reasons = [record.getMessage() for record in caplog.records if "token rejected" in record.getMessage()]
+    assert reasons and "InvalidSignatureError" in reasons[0]
+    assert all(token.split(".")[2] not in record.getMessage() for record in caplog.records)
+    assert all(OTHER_SECRET not in record.getMessage() and SECRET not in record.getMessage()
+               for record in caplog.records)
+
+
+def test_lazy_app_attribute_reports_configuration_errors_in_one_sentence(monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Any) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(app_module.__dict__, "app", raising=False)
+    with pytest.raises(SystemExit, match="^BETTER_AUTH_SECRET is not set"):
+        app_module.app  # noqa: B018 (the attribute access is the test)

@@ -93,7 +93,8 @@ def _check_description(value: Any, errors: list[dict[str, str]]) -> str | None:
 def _check_completed(value: Any, errors: list[dict[str, str]]) -> bool | None:
     # bool only: "true", 1 and null are refused rather than guessed at.
     if not isinstance(value, bool):
-        errors.append(field_error("completed", "Completed must be true or false.", "bool_type"))
+        errors.append(field_error("completed", "Completed must be a JSON boolean, true or false (not a string or "
+                                               "a number).", "bool_type"))
         return None
     return value
 

@@ -261,7 +261,8 @@ def test_procfile_starts_the_same_gunicorn_configuration() -> None:
     assert config["bind"] == "['0.0.0.0:8123']"
     assert (config["workers"], config["threads"], config["worker_class"]) == ("3", "5", "gthread")
     assert config["graceful_timeout"] == str(GRACEFUL_TIMEOUT)
-    assert config["accesslog"] == "-"
+    # The app writes the access line itself (README: Logs); gunicorn's would repeat it.
+    assert config["accesslog"] == "None"
 
 
 def test_gunicorn_refuses_to_start_without_the_secret() -> None:
@@ -315,7 +316,7 @@ def test_sigterm_mid_request_lets_the_request_finish(tmp_path: Path) -> None:
         assert time.monotonic() - signalled < GRACEFUL_TIMEOUT, "gunicorn waited out the graceful timeout"
         log = server.log()
         assert "Handling signal: term" in log and "Shutting down: Master" in log, log
-        assert '"GET /slow?seconds=2 HTTP/1.1" 200' in log, log
+        assert "GET /slow 200 " in log, log
     finally:
         server.stop()
         client.join(timeout=5)
