@@ -10,9 +10,10 @@ import sys
 import time
 import uuid
 import warnings
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import quote
 
 import click
 from flask import Blueprint, Flask, Response, current_app, g, has_request_context, jsonify, request, url_for
@@ -24,7 +25,8 @@ import auth
 from auth import require_owner
 from errors import ApiError, error_response, register_error_handlers
 from models import Session, SchemaState, Task, UsersTable, make_engine, normalise_database_url, now_expression
-from validation import ListQuery, completed_field, list_query, parse_task_id, read_json_object, task_fields
+from validation import (ListQuery, completed_field, is_storable_text, list_query, parse_task_id, read_json_object,
+                        task_fields)
 
 log = logging.getLogger("tasks_api")
 request_log = logging.getLogger("tasks_api.request")
@@ -37,8 +39,10 @@ DEFAULTS: dict[str, Any] = {
     "BETTER_AUTH_SECRET": None,
     "BETTER_AUTH_URL": None,
     "JWKS_URL": None,
-    # An unknown kid refetches the JWKS at most this often (seconds).
+    # An unknown kid refetches the JWKS at most this often (seconds); keys are trusted for at most
+    # JWKS_MAX_AGE_SECONDS, so a key removed from the JWKS stops verifying tokens.
     "JWKS_REFETCH_SECONDS": 30,
+    "JWKS_MAX_AGE_SECONDS": 300,
     "DATABASE_URL": "sqlite:///tasks.db",
     "CORS_ORIGINS": "http://localhost:3000",
     "USERS_TABLE": None,
@@ -52,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "LOG_LEVEL": "INFO",
     # Only `python app.py` sets this: it lets a missing secret fall back to auth.DEV_SECRET.
     "ALLOW_DEV_SECRET": False,
-    "MAX_CONTENT_LENGTH": 64 * 1024,
+    "MAX_CONTENT_LENGTH": 64 * 1024 + 1,  # see validation.BODY_LIMIT
 }
 INT_SETTINGS = ("DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT", "DB_CONNECT_TIMEOUT", "DB_IDLE_CHECK_SECONDS")
 ENV_SETTINGS = ("BETTER_AUTH_SECRET", "BETTER_AUTH_URL", "JWKS_URL", "DATABASE_URL", "CORS_ORIGINS",
@@ -104,6 +108,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app: configuration, database, CORS, error handlers, routes."""
     app = Flask(__name__)
     app.response_class = JSONResponse
+    app.url_map.merge_slashes = False  # its 308 redirect is HTML and bypasses the JSON error handlers
     app.config.update(load_config(config))
     _configure_logging(app.config["LOG_LEVEL"])
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -180,7 +185,8 @@ def _jwks_client(config: Mapping[str, Any]) -> auth.JWKSClient:
         log.warning("JWKS tokens are accepted without an iss or aud check: set BETTER_AUTH_URL, or "
                     "JWT_ISSUER and JWT_AUDIENCE.")
     return auth.JWKSClient(config["JWKS_URL"], issuer=issuer, audience=audience,
-                           refetch_seconds=float(config["JWKS_REFETCH_SECONDS"]))
+                           refetch_seconds=float(config["JWKS_REFETCH_SECONDS"]),
+                           max_age_seconds=float(config["JWKS_MAX_AGE_SECONDS"]))
 
 
 def _configure_logging(level: str) -> None:
@@ -212,6 +218,7 @@ def _start_request() -> None:
     incoming = request.headers.get("X-Request-ID", "")
     g.request_id = incoming if REQUEST_ID_PATTERN.fullmatch(incoming) else uuid.uuid4().hex
     g.started = time.perf_counter()
+    Session(bind=_state().engine)  # this app's engine, not whichever create_app() ran last
 
 
 def _finish_request(response: Response) -> Response:
@@ -224,8 +231,10 @@ def _finish_request(response: Response) -> Response:
         response.headers["Cache-Control"] = "no-store"
     claims = g.get("claims")
     duration_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
-    request_log.info("%s %s %s %.1fms user_id=%s", request.method, request.path, response.status_code,
-                     duration_ms, claims["sub"] if claims else "-")
+    # Quoted, so that a %0A in a URL cannot start a forged log line.
+    path = quote(request.path, safe="/@:+,;=~!$&'()*")
+    request_log.info("%s %s %s %.1fms user_id=%s", request.method, path, response.status_code, duration_ms,
+                     quote(claims["sub"], safe="@.:+-_|") if claims else "-")
     return response
 
 
@@ -406,8 +415,8 @@ def _register_user(users: UsersTable, user_id: str) -> None:
     claims = g.claims
     values = {
         "id": user_id,
-        "email": claims.get("email") if isinstance(claims.get("email"), str) else None,
-        "name": claims.get("name") if isinstance(claims.get("name"), str) else None,
+        "email": _claim_text(claims.get("email")),
+        "name": _claim_text(claims.get("name")),
         "created_at": now_expression(_dialect(), for_update=False),
     }
     dialect_insert = postgresql.insert if _dialect() == "postgresql" else sqlite.insert
@@ -416,6 +425,11 @@ def _register_user(users: UsersTable, user_id: str) -> None:
     if len(known) >= KNOWN_USERS_MAX:
         known.clear()  # a bound on memory; forgetting only costs one idempotent insert per user
     known.add(user_id)
+
+
+def _claim_text(value: Any) -> str | None:
+    """A profile claim worth storing: text the database can hold, else nothing."""
+    return value if isinstance(value, str) and is_storable_text(value) else None
 
 
 def _is_foreign_key_violation(error: sa_exc.IntegrityError) -> bool:

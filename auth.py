@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import http.client
 import json
 import logging
 import re
@@ -15,6 +16,7 @@ import jwt
 from flask import current_app, g, request
 
 from errors import ApiError
+from validation import is_storable_text
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +53,19 @@ def verify_token(token: str) -> dict[str, Any]:
     """Verify a token with the secret (HS256) or the JWKS (asymmetric); any failure is a 401."""
     config = current_app.config
     try:
-        algorithm = jwt.get_unverified_header(token).get("alg")
+        header = jwt.get_unverified_header(token)
     except jwt.PyJWTError:
         raise _unauthorized("The token is invalid; sign in again.", token_sent=True) from None
+    algorithm = header.get("alg")
+    if not isinstance(algorithm, str):
+        raise _unauthorized("The token is invalid; sign in again.", token_sent=True)
     jwks: JWKSClient | None = current_app.extensions.get("jwks")
     if algorithm == "HS256" and config.get("BETTER_AUTH_SECRET"):
         key: Any = config["BETTER_AUTH_SECRET"]
         algorithms = ALGORITHMS
         issuer, audience = config.get("JWT_ISSUER"), config.get("JWT_AUDIENCE")
     elif algorithm in JWKS_ALGORITHMS and jwks is not None:
-        signing_key = jwks.key_for(token, algorithm)
+        signing_key = jwks.key_for(header.get("kid"), algorithm)
         key, algorithms = signing_key.key, [algorithm]
         issuer, audience = jwks.issuer, jwks.audience
     else:
@@ -93,7 +98,7 @@ def _decode(token: str, key: Any, algorithms: list[str], *, issuer: str | None,
         log.info("token rejected: %s: %s", type(error).__name__, error)
         raise _unauthorized("The token is invalid; sign in again.", token_sent=True) from None
     subject = claims.get("sub")
-    if not isinstance(subject, str) or not subject:
+    if not isinstance(subject, str) or not subject or not is_storable_text(subject):
         log.info("token rejected: sub is not a non-empty string")
         raise _unauthorized("The token is invalid; sign in again.", token_sent=True)
     return claims
@@ -107,25 +112,27 @@ class JWKSClient:
     """
 
     def __init__(self, url: str, *, issuer: str | None, audience: str | None, refetch_seconds: float = 30,
-                 timeout_seconds: float = 5) -> None:
+                 timeout_seconds: float = 5, max_age_seconds: float = 300) -> None:
         self.url = url
         self.issuer = issuer
         self.audience = audience
         self._refetch_seconds = refetch_seconds
         self._timeout = timeout_seconds
+        self._max_age = max_age_seconds
         self._lock = threading.Lock()
         self._keys: dict[str | None, jwt.PyJWK] = {}
         self._fetched_at: float | None = None
         self._last_fetch_failed = False
 
-    def key_for(self, token: str, algorithm: str) -> jwt.PyJWK:
-        """The key that signed the token, by its kid; 401 if unknown, 503 if the JWKS is unreachable."""
-        kid = jwt.get_unverified_header(token).get("kid")
+    def key_for(self, kid: Any, algorithm: str) -> jwt.PyJWK:
+        """The key for a token's kid and alg; 401 if unknown, 503 if the JWKS is unreachable."""
+        if not isinstance(kid, (str, type(None))):
+            raise _unauthorized("The token is invalid; sign in again.", token_sent=True)
         key = self._keys.get(kid)
-        if key is None:
+        if key is None or self._expired():
             with self._lock:
                 key = self._keys.get(kid)
-                if key is None and self._may_refetch():
+                if (key is None or self._expired()) and self._may_refetch():
                     self._refresh()
                     key = self._keys.get(kid)
         if key is None and self._last_fetch_failed:
@@ -133,6 +140,10 @@ class JWKSClient:
         if key is None or key.algorithm_name != algorithm:
             raise _unauthorized("The token is invalid; sign in again.", token_sent=True)
         return key
+
+    def _expired(self) -> bool:
+        """Keys are trusted for max_age_seconds, so a key removed from the JWKS stops verifying."""
+        return self._fetched_at is not None and time.monotonic() - self._fetched_at >= self._max_age
 
     def _may_refetch(self) -> bool:
         return self._fetched_at is None or time.monotonic() - self._fetched_at >= self._refetch_seconds
@@ -144,13 +155,15 @@ class JWKSClient:
                 document = json.load(response)
             keys: dict[str | None, jwt.PyJWK] = {}
             for entry in document.get("keys", []):
+                if not isinstance(entry, dict):
+                    continue
                 try:
                     key = jwt.PyJWK(entry, entry.get("alg") or _default_algorithm(entry))
                 except jwt.PyJWTError:
                     continue  # a key type or algorithm we do not use
                 if key.algorithm_name in JWKS_ALGORITHMS:
                     keys[entry.get("kid")] = key
-        except (OSError, ValueError, AttributeError) as error:
+        except (OSError, ValueError, AttributeError, http.client.HTTPException) as error:
             # Counts as a fetch, so an outage does not turn every request into a new attempt.
             self._fetched_at = time.monotonic()
             self._last_fetch_failed = True

@@ -112,7 +112,7 @@ class Task(Base):
 
 def iso_utc(value: datetime) -> str:
     """Format a UTC timestamp as ISO-8601 with a trailing Z."""
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return value.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def now_expression(dialect_name: str, *, for_update: bool) -> ColumnElement[datetime] | datetime:
@@ -211,7 +211,9 @@ def _make_checkout_check(idle_check_seconds: float):
         cannot show, is pinged.
         """
         try:
-            readable, _, _ = io_select.select([dbapi_connection.fileno()], [], [], 0)
+            poller = io_select.poll()  # select() cannot watch a descriptor >= 1024 (FD_SETSIZE)
+            poller.register(dbapi_connection.fileno(), io_select.POLLIN)
+            readable = poller.poll(0)
         except (OSError, ValueError) as error:
             raise exc.DisconnectionError("connection socket is unusable") from error
         if readable:
@@ -307,14 +309,14 @@ def _is_owned(connection: Any, name: str) -> bool:
 def create_schema(engine: Engine, users_table: str | None = None) -> UsersTable:
     """Create the missing tables, safely when several processes start at once on an empty database."""
     with engine.connect() as connection:
-        if connection.dialect.name == "postgresql":
-            # Autocommit connection: a session-level lock, released explicitly below.
-            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
-        try:
+        if connection.dialect.name != "postgresql":
             return _create_schema_locked(connection, users_table)
-        finally:
-            if connection.dialect.name == "postgresql":
-                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        # One transaction holding a transaction-level lock: it stays on one server even behind
+        # PgBouncer's transaction pooling (Neon's pooled URL), and COMMIT or a lost connection frees it.
+        connection = connection.execution_options(isolation_level="READ COMMITTED")
+        with connection.begin():
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            return _create_schema_locked(connection, users_table)
 
 
 def _create_schema_locked(connection: Any, configured: str | None) -> UsersTable:
@@ -353,13 +355,24 @@ class SchemaState:
         self._configured = users_table
         self._lock = threading.Lock()
         self.users: UsersTable | None = None
+        self._attempts = 0
+        self._failure: Exception | None = None
 
     def ensure(self) -> UsersTable:
         """Return the users table, creating the schema first if that has not succeeded yet."""
         users = self.users
         if users is not None:
             return users
+        attempt = self._attempts
         with self._lock:
             if self.users is None:
-                self.users = create_schema(self._engine, self._configured)
+                if self._attempts != attempt and self._failure is not None:
+                    raise self._failure  # it failed while we waited: 503 now, not after one more timeout
+                self._attempts += 1
+                try:
+                    self.users = create_schema(self._engine, self._configured)
+                    self._failure = None
+                except exc.OperationalError as error:
+                    self._failure = error
+                    raise
             return self.users

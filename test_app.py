@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import logging
 import os
+import re
+import resource
 import socket
 import threading
 import time
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
 
@@ -29,11 +32,12 @@ from flask.testing import FlaskClient
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
+from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 import app as app_module
 from app import create_app
 from auth import DEV_SECRET, issue_token
-from models import normalise_database_url
+from models import iso_utc, normalise_database_url
 from openapi_check import validate_flask_response
 
 SECRET = "test-secret-long-enough-for-hs256-and-hs512-0123456789abcdefghijk"
@@ -358,7 +362,15 @@ BAD_AUTHORIZATION: dict[str, Callable[[], str | None]] = {
     "nbf in the future": lambda: f"Bearer {make_token(nbf=_now() + 120)}",
     "iat in the future": lambda: f"Bearer {make_token(iat=_now() + 120)}",
     "non-numeric exp": lambda: f"Bearer {make_token(exp='tomorrow')}",
+    "alg is a list": lambda: "Bearer " + _with_header(make_token(), {"alg": ["HS256"], "typ": "JWT"}),
+    "alg is an object": lambda: "Bearer " + _with_header(make_token(), {"alg": {"x": 1}, "typ": "JWT"}),
+    "sub with a NUL": lambda: "Bearer " + make_token("ali\u0000ce"),
 }
+
+
+def _with_header(token: str, header: dict[str, Any]) -> str:
+    _, payload, signature = token.split(".")
+    return f"{jwt.utils.base64url_encode(json.dumps(header).encode()).decode()}.{payload}.{signature}"
 
 
 def _tamper(token: str) -> str:
@@ -612,7 +624,7 @@ def test_toggle_rejects_bad_bodies(as_user: Any, new_task: Any, body: Any) -> No
     assert as_user("get", f"/tasks/{task['id']}").get_json()["completed"] is False
 
 
-@pytest.mark.parametrize("raw_id", ["abc", "0", "-1", "1.5", "2147483648", "99999999999999999999", "1e3",
+@pytest.mark.parametrize("raw_id", ["abc", "0", "01", "-1", "1.5", "2147483648", "99999999999999999999", "1e3",
                                     "%20", "١٢"])
 def test_bad_task_ids_are_404(as_user: Any, raw_id: str) -> None:
     for method, suffix in (("get", ""), ("put", ""), ("delete", ""), ("patch", "/complete")):
@@ -1160,16 +1172,21 @@ class JWKSServer:
         self.keys = list(keys)
         self.fetches = 0
         self.failing = False
+        self.garbage = False  # answer with a broken HTTP status line
+        self.extra_entries: list[Any] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 server.fetches += 1
+                if server.garbage:
+                    self.wfile.write(b"NOT-HTTP\r\n\r\n")
+                    return
                 if server.failing:
                     self.send_response(500)
                     self.end_headers()
                     return
-                body = json.dumps({"keys": [key.jwk for key in server.keys]}).encode()
+                body = json.dumps({"keys": server.extra_entries + [key.jwk for key in server.keys]}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -1455,3 +1472,114 @@ def test_lazy_app_attribute_reports_configuration_errors_in_one_sentence(monkeyp
     monkeypatch.delitem(app_module.__dict__, "app", raising=False)
     with pytest.raises(SystemExit, match="^BETTER_AUTH_SECRET is not set"):
         app_module.app  # noqa: B018 (the attribute access is the test)
+
+
+# --- pinned findings of the security review ----------------------------------------------------
+
+def test_jwks_key_removed_from_the_set_stops_verifying(database_url: str, jwks_server: JWKSServer,
+                                                       signing_keys: dict[str, SigningKey]) -> None:
+    application = make_app(database_url, BETTER_AUTH_URL=AUTH_URL, JWKS_URL=jwks_server.url,
+                           JWKS_REFETCH_SECONDS=0, JWKS_MAX_AGE_SECONDS=0.2)
+    revoked = signing_keys["RS256"]
+    assert _get_tasks(application, revoked.token()).status_code == 200
+    jwks_server.keys.remove(revoked)
+    time.sleep(0.3)
+    assert _get_tasks(application, revoked.token()).status_code == 401
+    assert _get_tasks(application, signing_keys["EdDSA"].token()).status_code == 200
+    application.extensions["tasks_api"].engine.dispose()
+
+
+def test_jwks_broken_http_answer_is_503_and_rate_limited(database_url: str, jwks_server: JWKSServer,
+                                                         signing_keys: dict[str, SigningKey]) -> None:
+    jwks_server.garbage = True
+    application = make_app(database_url, BETTER_AUTH_URL=AUTH_URL, JWKS_URL=jwks_server.url,
+                           JWKS_REFETCH_SECONDS=60)
+    for _ in range(3):
+        assert _get_tasks(application, signing_keys["EdDSA"].token()).status_code == 503
+    assert jwks_server.fetches == 1
+    application.extensions["tasks_api"].engine.dispose()
+
+
+def test_jwks_entries_that_are_not_keys_are_skipped(jwks_app: Any, jwks_server: JWKSServer,
+                                                    signing_keys: dict[str, SigningKey]) -> None:
+    jwks_server.extra_entries = ["not a key", 42, {"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"}]
+    assert _get_tasks(jwks_app, signing_keys["ES256"].token()).status_code == 200
+
+
+def test_chunked_body_over_64_kib_is_413(app: Any, client: Any) -> None:
+    # As gunicorn passes a chunked body: no Content-Length, the stream ends where the body does.
+    body = json.dumps({"title": "x", "description": "d" * (70 * 1024)}).encode()
+    builder = EnvironBuilder(path=f"/api/{ALICE}/tasks", method="POST", input_stream=io.BytesIO(body),
+                             headers={**auth_headers(), "Content-Type": "application/json",
+                                      "Transfer-Encoding": "chunked"})
+    environ = builder.get_environ()
+    del environ["CONTENT_LENGTH"]
+    environ["wsgi.input_terminated"] = True
+    body_chunks, status, headers = run_wsgi_app(app, environ)  # the test client would add a length
+    assert status.startswith("413") and json.loads(b"".join(body_chunks))["detail"]
+    assert run_sql(app, "SELECT count(*) FROM tasks")[0][0] == 0
+
+
+def test_each_app_uses_its_own_database(tmp_path: Any, database_url: str) -> None:
+    first = make_app(f"sqlite:///{tmp_path / 'first.db'}")
+    second = make_app(database_url)  # created last: the Session registry's default bind
+    response = first.test_client().post(f"/api/{ALICE}/tasks", json={"title": "into first"},
+                                        headers=auth_headers())
+    assert response.status_code == 201
+    assert run_sql(first, "SELECT title FROM tasks") == [("into first",)]
+    assert run_sql(second, "SELECT count(*) FROM tasks")[0][0] == 0
+    for application in (first, second):
+        application.extensions["tasks_api"].engine.dispose()
+
+
+def test_log_lines_cannot_be_forged_through_the_path(app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="tasks_api.request"):
+        app.test_client().get(f"/api/{ALICE}%0A2026-01-01 INFO forged: DELETE /api/bob/tasks/1 204/tasks")
+    messages = [record.getMessage() for record in caplog.records if record.name == "tasks_api.request"]
+    assert messages and all("\n" not in message and "\r" not in message for message in messages)
+
+
+@pytest.mark.parametrize("url", [f"/api/{ALICE}//tasks", f"/api//{ALICE}/tasks", "/health//ready",
+                                 f"/api/{ALICE}/tasks//1"])
+def test_doubled_slashes_are_json_404_not_html_redirects(client: Any, url: str) -> None:
+    response = client.get(url, headers=auth_headers())
+    assert response.status_code == 404 and response.get_json()["detail"]
+
+
+def test_unstorable_profile_claims_are_not_stored(app: Any, client: Any) -> None:
+    headers = auth_headers("gina", name="Gi\u0000na", email="\ud800@example.com")
+    assert client.post("/api/gina/tasks", json={"title": "x"}, headers=headers).status_code == 201
+    assert run_sql(app, "SELECT id, email, name FROM users") == [("gina", None, None)]
+
+
+def test_timestamps_always_have_microseconds(new_task: Any) -> None:
+    task = new_task()
+    for value in (task["created_at"], task["updated_at"]):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", value), value
+    # A whole second keeps its six zeros, so the field always has one shape.
+    assert iso_utc(datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)) == "2026-01-02T03:04:05.000000Z"
+
+
+@postgres_only
+def test_schema_creation_leaves_no_advisory_lock_behind(app: Any) -> None:
+    # A session-level lock would stay with a pooled server connection behind PgBouncer.
+    assert run_sql(app, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")[0][0] == 0
+
+
+@postgres_only
+def test_checkout_check_works_past_file_descriptor_1024(app: Any, as_user: Any) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip("the hard file descriptor limit is below 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    filler = []
+    try:
+        while not filler or filler[-1] < 1100:
+            filler.append(os.open(os.devnull, os.O_RDONLY))
+        app.extensions["tasks_api"].engine.dispose()  # the next connection gets a descriptor past 1024
+        assert as_user("get").status_code == 200
+        assert as_user("get").status_code == 200  # a checkout of the pooled, high-numbered connection
+    finally:
+        for descriptor in filler:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -16,6 +16,7 @@ WRITABLE_FIELDS = ("title", "description", "completed")
 MAX_TASK_ID = 2**31 - 1  # the tasks.id column is a 32-bit integer
 MAX_LIMIT = 1000
 MAX_OFFSET = 2**31 - 1
+BODY_LIMIT = 64 * 1024
 
 
 def read_json_object(request: Request, *, required: bool) -> dict[str, Any] | None:
@@ -24,6 +25,8 @@ def read_json_object(request: Request, *, required: bool) -> dict[str, Any] | No
     An empty body counts as no body, whatever its Content-Type (fetch often sends the header alone).
     """
     data = request.get_data(cache=True)  # over MAX_CONTENT_LENGTH this raises the 413
+    if len(data) > BODY_LIMIT:  # chunked: werkzeug silently stops at MAX_CONTENT_LENGTH = BODY_LIMIT + 1
+        raise ApiError(413, "The request body is too large; the limit is 64 KiB.")
     if not data:
         if required:
             raise _body_error("The request body must be a JSON object.", "missing")
@@ -52,6 +55,11 @@ def _text_problem(value: str) -> str | None:
     except UnicodeEncodeError:
         return "must be valid Unicode text (it contains an unpaired surrogate)"
     return None
+
+
+def is_storable_text(value: str) -> bool:
+    """Whether the database can hold this text (no NUL, no unpaired surrogate)."""
+    return _text_problem(value) is None
 
 
 def _check_title(value: Any, errors: list[dict[str, str]]) -> str | None:
@@ -132,8 +140,11 @@ def completed_field(payload: Mapping[str, Any]) -> bool:
 
 
 def parse_task_id(raw: str) -> int | None:
-    """The task id from the URL, or None when it cannot name a task (the view answers 404)."""
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10:
+    """The task id from the URL, or None when it cannot name a task (the view answers 404).
+
+    Canonical digits only (no sign, no leading zero), so that a task has exactly one URL.
+    """
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10 or raw.startswith("0"):
         return None
     task_id = int(raw)
     return task_id if 1 <= task_id <= MAX_TASK_ID else None
