@@ -25,8 +25,8 @@ import auth
 from auth import require_owner
 from errors import ApiError, error_response, register_error_handlers
 from models import Session, SchemaState, Task, UsersTable, make_engine, normalise_database_url, now_expression
-from validation import (ListQuery, completed_field, is_storable_text, list_query, parse_task_id, read_json_object,
-                        task_fields)
+from validation import (BODY_LIMIT, ListQuery, completed_field, is_storable_text, list_query, parse_task_id,
+                        read_json_object, task_fields)
 
 log = logging.getLogger("tasks_api")
 request_log = logging.getLogger("tasks_api.request")
@@ -56,7 +56,8 @@ DEFAULTS: dict[str, Any] = {
     "LOG_LEVEL": "INFO",
     # Only `python app.py` sets this: it lets a missing secret fall back to auth.DEV_SECRET.
     "ALLOW_DEV_SECRET": False,
-    "MAX_CONTENT_LENGTH": 64 * 1024 + 1,  # see validation.BODY_LIMIT
+    # One byte over the limit, so that a chunked body that werkzeug cuts short is still seen as too large.
+    "MAX_CONTENT_LENGTH": BODY_LIMIT + 1,
 }
 INT_SETTINGS = ("DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT", "DB_CONNECT_TIMEOUT", "DB_IDLE_CHECK_SECONDS")
 ENV_SETTINGS = ("BETTER_AUTH_SECRET", "BETTER_AUTH_URL", "JWKS_URL", "DATABASE_URL", "CORS_ORIGINS",
@@ -66,7 +67,7 @@ KNOWN_USERS_MAX = 100_000
 
 
 class JSONResponse(Response):
-    """Every response is JSON, the empty ones (204, preflight) included."""
+    """Responses are JSON unless a view says otherwise (the /docs page)."""
 
     default_mimetype = "application/json"
 
@@ -114,9 +115,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
 
+    secret = app.config["BETTER_AUTH_SECRET"]
     if app.config.get("USING_DEV_SECRET"):
         log.warning("Using the DEVELOPMENT secret: tokens are forgeable. Set BETTER_AUTH_SECRET for real use.")
-    elif app.config["BETTER_AUTH_SECRET"] and len(app.config["BETTER_AUTH_SECRET"].encode()) < auth.MIN_SECRET_BYTES:
+    elif secret and len(secret.encode()) < auth.MIN_SECRET_BYTES:
         log.warning("BETTER_AUTH_SECRET is shorter than %d bytes; use a longer random secret.",
                     auth.MIN_SECRET_BYTES)
         # Said once here; PyJWT would otherwise repeat it on every request.

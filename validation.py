@@ -25,7 +25,7 @@ def read_json_object(request: Request, *, required: bool) -> dict[str, Any] | No
     An empty body counts as no body, whatever its Content-Type (fetch often sends the header alone).
     """
     data = request.get_data(cache=True)  # over MAX_CONTENT_LENGTH this raises the 413
-    if len(data) > BODY_LIMIT:  # chunked: werkzeug silently stops at MAX_CONTENT_LENGTH = BODY_LIMIT + 1
+    if len(data) > BODY_LIMIT:  # a chunked body: werkzeug stops reading at MAX_CONTENT_LENGTH, silently
         raise ApiError(413, "The request body is too large; the limit is 64 KiB.")
     if not data:
         if required:
