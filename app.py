@@ -52,6 +52,8 @@ DEFAULTS: dict[str, Any] = {
     "DB_MAX_OVERFLOW": 5,
     "DB_POOL_TIMEOUT": 10,
     "DB_CONNECT_TIMEOUT": 5,
+    # The longest any one wait on PostgreSQL may last (connect, statement), whatever sits in between.
+    "DB_QUERY_TIMEOUT": 8,
     "DB_IDLE_CHECK_SECONDS": 30,
     "LOG_LEVEL": "INFO",
     # Only `python app.py` sets this: it lets a missing secret fall back to auth.DEV_SECRET.
@@ -59,7 +61,8 @@ DEFAULTS: dict[str, Any] = {
     # One byte over the limit, so that a chunked body that werkzeug cuts short is still seen as too large.
     "MAX_CONTENT_LENGTH": BODY_LIMIT + 1,
 }
-INT_SETTINGS = ("DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT", "DB_CONNECT_TIMEOUT", "DB_IDLE_CHECK_SECONDS")
+INT_SETTINGS = ("DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT", "DB_CONNECT_TIMEOUT", "DB_IDLE_CHECK_SECONDS",
+                "DB_QUERY_TIMEOUT")
 ENV_SETTINGS = ("BETTER_AUTH_SECRET", "BETTER_AUTH_URL", "JWKS_URL", "DATABASE_URL", "CORS_ORIGINS",
                 "USERS_TABLE", "JWT_AUDIENCE", "JWT_ISSUER", "LOG_LEVEL", *INT_SETTINGS)
 API_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -134,6 +137,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         pool_timeout=app.config["DB_POOL_TIMEOUT"],
         connect_timeout=app.config["DB_CONNECT_TIMEOUT"],
         idle_check_seconds=app.config["DB_IDLE_CHECK_SECONDS"],
+        query_timeout=app.config["DB_QUERY_TIMEOUT"],
     )
     Session.configure(bind=engine)
     state = AppState(engine=engine, schema=SchemaState(engine, app.config["USERS_TABLE"]))

@@ -11,6 +11,8 @@ import weakref
 from datetime import datetime, timezone
 from typing import Any
 
+import psycopg2
+from psycopg2 import extensions as pg_extensions
 from sqlalchemy import (
     Boolean,
     CheckConstraint,
@@ -140,7 +142,7 @@ def normalise_database_url(raw: str) -> str:
 
 
 def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, pool_timeout: float = 10,
-                connect_timeout: int = 5, idle_check_seconds: float = 30) -> Engine:
+                connect_timeout: int = 5, idle_check_seconds: float = 30, query_timeout: float = 8) -> Engine:
     """Build the engine: autocommit, so that each request is one statement and one round trip.
 
     Every view issues a single self-contained statement, so there is no multi-statement
@@ -180,10 +182,41 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, pool_tim
         pool_pre_ping=False,
         connect_args=connect_args,
     )
+    _WAIT_DEADLINE[0] = float(query_timeout)
+    pg_extensions.set_wait_callback(_wait_with_deadline)
     event.listen(engine, "checkout", _make_checkout_check(idle_check_seconds))
     event.listen(engine, "checkin", _mark_checkin)
     _ENGINES.add(engine)
     return engine
+
+
+# How long any one wait on PostgreSQL may last (connect, statement, result), in seconds.
+_WAIT_DEADLINE = [8.0]
+
+
+def _wait_with_deadline(connection: Any) -> None:
+    """psycopg2's wait callback: each wait on the server ends within the deadline, or the connection is lost.
+
+    connect_timeout bounds only the TCP connect and tcp_user_timeout only unacknowledged bytes: neither
+    sees a pooler (PgBouncer, Neon's pooled endpoint) that accepts the connection and then queues the
+    statement while it cannot reach the server, nor a server that stalls. Past the deadline the error
+    reads as a lost connection ("could not receive data from server"), so SQLAlchemy discards the
+    connection and the request answers 503 like any other outage.
+    """
+    limit = _WAIT_DEADLINE[0]
+    deadline = time.monotonic() + limit
+    while True:
+        state = connection.poll()
+        if state == pg_extensions.POLL_OK:
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise psycopg2.OperationalError(
+                f"could not receive data from server: no answer within {limit:g} s")
+        poller = io_select.poll()
+        poller.register(connection.fileno(),
+                        io_select.POLLIN if state == pg_extensions.POLL_READ else io_select.POLLOUT)
+        poller.poll(remaining * 1000)
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -1583,3 +1583,65 @@ def test_checkout_check_works_past_file_descriptor_1024(app: Any, as_user: Any) 
         for descriptor in filler:
             os.close(descriptor)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+class FreezableProxy:
+    """A TCP proxy to PostgreSQL that can stop forwarding while keeping every socket open.
+
+    What a pooler that accepts connections but cannot reach its server looks like to the service.
+    """
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.frozen = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            self.sockets += [client, server]
+            for source, target in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                while self.frozen.is_set():
+                    time.sleep(0.05)
+                target.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+@postgres_only
+def test_a_database_that_stops_answering_is_a_503_within_the_query_timeout(postgres_url: str,
+                                                                           database_url: str) -> None:
+    parsed = make_url(postgres_url)
+    proxy = FreezableProxy((parsed.host or "127.0.0.1", parsed.port or 5432))
+    try:
+        url = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        application = make_app(url, DB_QUERY_TIMEOUT=1)
+        client = application.test_client()
+        assert client.get(f"/api/{ALICE}/tasks", headers=auth_headers()).status_code == 200
+        proxy.frozen.set()
+        started = time.monotonic()
+        response = client.get(f"/api/{ALICE}/tasks", headers=auth_headers())
+        assert response.status_code == 503 and response.get_json()["detail"]
+        assert time.monotonic() - started < 4
+        proxy.frozen.clear()
+        # The stalled connection was thrown away; a fresh one serves the next request.
+        assert client.get(f"/api/{ALICE}/tasks", headers=auth_headers()).status_code == 200
+        application.extensions["tasks_api"].engine.dispose()
+    finally:
+        proxy.close()
