@@ -608,7 +608,7 @@ server_reset_query =
 server_login_retry = 1
 ignore_startup_parameters = extra_float_digits,options
 application_name_add_host = 0
-logfile = {scenario.log_dir / (name + '.log')}
+logfile = {folder / 'pgbouncer.log'}
 pidfile = {folder / 'pgbouncer.pid'}
 admin_users = {PG_USER}
 """)
@@ -617,16 +617,24 @@ admin_users = {PG_USER}
             argv[1:1] = ["-u", "postgres"] if _user_exists("postgres") else []
             if len(argv) == 2:
                 raise ScenarioFailure("pgbouncer refuses to run as root and there is no postgres user")
+            # Its own folder in the system temp dir: the checkout (CI clones into a private
+            # mktemp folder) may not be reachable for the postgres user.
             os.chmod(folder, 0o755)
             shutil.chown(folder, "postgres")
             for entry in folder.iterdir():
                 shutil.chown(entry, "postgres")
-            os.chmod(scenario.log_dir, 0o777)
+        # Runs before the folder is removed (callbacks unwind last-in, first-out): keep the log.
+        scenario.stack.callback(_copy_if_present, folder / "pgbouncer.log", scenario.log_dir / f"{name}.log")
         self.process = Process(name, argv, scenario.log_dir / f"{name}.stdout", cwd=folder)
         scenario.stack.callback(self.process.stop)
         if not wait_port(self.port, 10):
             raise ScenarioFailure(f"pgbouncer did not listen on {self.port}: {self.process.text()[-500:]}")
         scenario.log(f"pgbouncer pid {self.process.pid} on port {self.port}, transaction pooling")
+
+
+def _copy_if_present(source: Path, target: Path) -> None:
+    if source.exists():
+        shutil.copyfile(source, target)
 
 
 def _user_exists(name: str) -> bool:
