@@ -320,3 +320,24 @@ def test_sigterm_mid_request_lets_the_request_finish(tmp_path: Path) -> None:
     finally:
         server.stop()
         client.join(timeout=5)
+
+
+def test_gunicorn_sends_no_version_banner_and_logs_no_query_string(tmp_path: Path) -> None:
+    server = Gunicorn("app:app", {"DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}"},
+                      tmp_path / "gunicorn.log")
+    try:
+        server.wait_ready()
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        connection.request("GET", "/api/alice/tasks?token=not-a-place-for-tokens")
+        response = connection.getresponse()
+        response.read()
+        connection.close()
+        assert response.status == 401
+        # gunicorn must name itself; it adds no version, and nothing else adds one.
+        assert response.getheader("Server") == "gunicorn"
+        assert response.getheader("X-Content-Type-Options") == "nosniff"
+    finally:
+        server.stop()
+    log = (tmp_path / "gunicorn.log").read_text(errors="replace")
+    assert "GET /api/alice/tasks 401 " in log
+    assert "not-a-place-for-tokens" not in log
