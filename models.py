@@ -157,6 +157,7 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, pool_tim
             connect_args={"timeout": 15, "check_same_thread": False},
         )
         event.listen(engine, "connect", _sqlite_on_connect)
+        _ENGINES.add(engine)
         return engine
 
     connect_args: dict[str, Any] = {

@@ -1645,3 +1645,16 @@ def test_a_database_that_stops_answering_is_a_503_within_the_query_timeout(postg
         application.extensions["tasks_api"].engine.dispose()
     finally:
         proxy.close()
+
+
+def test_a_forked_worker_never_reuses_the_parents_connections(app: Any, as_user: Any) -> None:
+    """gunicorn forks workers: a connection opened before the fork must not be shared after it."""
+    assert as_user("get").status_code == 200
+    engine = app.extensions["tasks_api"].engine
+    assert engine.pool.checkedin() == 1  # the parent's pooled connection
+    child = os.fork()
+    if child == 0:  # the child reports through its exit code only
+        os._exit(0 if engine.pool.checkedin() == 0 else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert engine.pool.checkedin() == 1 and as_user("get").status_code == 200
