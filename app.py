@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -12,20 +13,23 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 from urllib.parse import quote
 
 import click
 from flask import Blueprint, Flask, Response, current_app, g, has_request_context, jsonify, request, url_for
 from flask_cors import CORS
-from sqlalchemy import Engine, Select, delete, exc as sa_exc, func, insert, select, text, update
+from sqlalchemy import (Engine, Executable, Insert, Row, Select, Update, bindparam, delete, exc as sa_exc, func, insert,
+                        select, text, update)
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.elements import ColumnElement
 
 import auth
 from auth import require_owner
 from errors import ApiError, error_response, register_error_handlers
-from models import Session, SchemaState, Task, UsersTable, make_engine, normalise_database_url, now_expression
-from validation import (BODY_LIMIT, ListQuery, completed_field, is_storable_text, list_query, parse_task_id,
+from models import (TASK_COLUMNS, TASKS, Session, SchemaState, UsersTable, make_engine, normalise_database_url,
+                    now_expression, task_json)
+from validation import (BODY_LIMIT, completed_field, is_storable_text, list_query, parse_task_id,
                         read_json_object, task_fields)
 
 log = logging.getLogger("tasks_api")
@@ -319,9 +323,13 @@ def api_docs() -> Response:
 api = Blueprint("api", __name__, url_prefix="/api/<user_id>")
 
 
-def _owned_task(task_id: int, user_id: str) -> Any:
-    """The WHERE clause for one task of one user: the second lock behind require_owner."""
-    return (Task.id == task_id) & (Task.user_id == user_id)
+# Each statement shape is built once, with bound parameters: a request neither rebuilds the
+# expression nor loads ORM objects it has no use for, and stays one statement, one round trip.
+# The WHERE clause for one task of one user: the second lock behind require_owner.
+_OWNED = (TASKS.c.id == bindparam("task_id")) & (TASKS.c.user_id == bindparam("owner"))
+_GET_TASK = select(*TASK_COLUMNS).where(_OWNED)
+_DELETE_TASK = delete(TASKS).where(_OWNED).returning(TASKS.c.id)
+_SORT_COLUMNS = {"created": TASKS.c.created_at, "updated": TASKS.c.updated_at, "title": TASKS.c.title}
 
 
 def _task_id_or_404(raw: str) -> int:
@@ -340,11 +348,61 @@ def _dialect() -> str:
     return _state().engine.dialect.name
 
 
-def _ordered(statement: Select[Any], query: ListQuery) -> Select[Any]:
-    column = {"created": Task.created_at, "updated": Task.updated_at, "title": Task.title}[query.sort]
-    if query.descending:
-        return statement.order_by(column.desc(), Task.id.desc())
-    return statement.order_by(column.asc(), Task.id.asc())
+def _rows(statement: Executable, params: dict[str, Any]) -> Sequence[Row[Any]]:
+    """Run one statement in the request's session and return all its rows."""
+    return Session.connection().execute(statement, params).all()
+
+
+def _now(dialect: str, *, for_update: bool) -> Any:
+    """'now' inside a statement: the database's clock on PostgreSQL, a bound value (ours) on SQLite."""
+    if dialect == "postgresql":
+        return now_expression(dialect, for_update=for_update)
+    return bindparam("now", type_=TASKS.c.created_at.type)
+
+
+def _now_params(dialect: str) -> dict[str, Any]:
+    return {} if dialect == "postgresql" else {"now": now_expression(dialect, for_update=False)}
+
+
+def _listed(filtered: bool) -> ColumnElement[bool]:
+    """Which tasks a list shows: the user's, and only those of one status when filtered."""
+    condition = TASKS.c.user_id == bindparam("owner")
+    return condition & (TASKS.c.completed == bindparam("completed")) if filtered else condition
+
+
+@functools.cache
+def _count_statement(filtered: bool) -> Select[Any]:
+    return select(func.count()).select_from(TASKS).where(_listed(filtered))
+
+
+@functools.cache
+def _list_statement(filtered: bool, sort: str, descending: bool, paged: bool, offset: bool) -> Select[Any]:
+    """SELECT of one user's tasks in one order; paged, it carries the total as a window count."""
+    condition = _listed(filtered)
+    columns = (*TASK_COLUMNS, func.count().over().label("total")) if paged else TASK_COLUMNS
+    column = _SORT_COLUMNS[sort]
+    order = (column.desc(), TASKS.c.id.desc()) if descending else (column.asc(), TASKS.c.id.asc())
+    statement = select(*columns).where(condition).order_by(*order)
+    if paged:
+        statement = statement.limit(bindparam("limit"))
+    return statement.offset(bindparam("offset")) if offset else statement
+
+
+@functools.cache
+def _insert_statement(dialect: str) -> Insert:
+    now = _now(dialect, for_update=False)
+    return insert(TASKS).values(user_id=bindparam("owner"), title=bindparam("v_title"),
+                                description=bindparam("v_description"), completed=bindparam("v_completed"),
+                                created_at=now, updated_at=now).returning(*TASK_COLUMNS)
+
+
+@functools.cache
+def _update_statement(fields: tuple[str, ...] | None, dialect: str) -> Update:
+    """UPDATE ... RETURNING of the user's task: the given fields, or a flip of completed (None)."""
+    values: dict[str, Any] = ({"completed": ~TASKS.c.completed} if fields is None
+                              else {name: bindparam(f"v_{name}") for name in fields})
+    return (update(TASKS).where(_OWNED).values(**values, updated_at=_now(dialect, for_update=True))
+            .returning(*TASK_COLUMNS))
 
 
 @api.get("/tasks")
@@ -353,28 +411,22 @@ def list_tasks(user_id: str) -> Response:
     """List the user's tasks, filtered, sorted and optionally paged."""
     query = list_query(request.args)
     _users_table()
-    condition = Task.user_id == user_id
-    if query.status != "all":
-        condition = condition & (Task.completed == (query.status == "completed"))
-    if query.limit is None:
-        statement = _ordered(select(Task).where(condition), query)
-        if query.offset:
-            statement = statement.offset(query.offset)
-        tasks = Session.scalars(statement).all()
+    filtered, paged = query.status != "all", query.limit is not None
+    statement = _list_statement(filtered, query.sort, query.descending, paged, bool(query.offset))
+    params: dict[str, Any] = {"owner": user_id, "offset": query.offset, "limit": query.limit,
+                              "completed": query.status == "completed"}
+    rows = _rows(statement, params)
+    if not paged:
         Session.commit()
-        return jsonify([task.to_dict() for task in tasks])
-
-    # The total rides along with the page as a window count: one statement, not two.
-    statement = _ordered(select(Task, func.count().over().label("total")).where(condition), query)
-    rows = Session.execute(statement.limit(query.limit).offset(query.offset)).all()
+        return jsonify([task_json(row) for row in rows])
     if rows:
         total = rows[0].total
-    elif query.offset:
-        total = Session.scalar(select(func.count()).select_from(Task).where(condition))
+    elif query.offset:  # past the end, where no row carries the total: count apart
+        total = _rows(_count_statement(filtered), params)[0][0]
     else:
         total = 0
     Session.commit()
-    response = jsonify([row.Task.to_dict() for row in rows])
+    response = jsonify([task_json(row) for row in rows])
     response.headers["X-Total-Count"] = str(total)
     return response
 
@@ -387,21 +439,21 @@ def create_task(user_id: str) -> tuple[Response, int, dict[str, str]]:
     users = _users_table()
     task = _insert_task(user_id, fields, users)
     Session.commit()
-    location = url_for("api.get_task", user_id=user_id, task_id=task.id)
-    return jsonify(task.to_dict()), 201, {"Location": location}
+    location = url_for("api.get_task", user_id=user_id, task_id=task[0])
+    return jsonify(task_json(task)), 201, {"Location": location}
 
 
-def _insert_task(user_id: str, fields: dict[str, Any], users: UsersTable) -> Task:
+def _insert_task(user_id: str, fields: dict[str, Any], users: UsersTable) -> Row[Any]:
     """Insert the task; register the user first when this service owns the users table."""
     state = _state()
-    now = now_expression(_dialect(), for_update=False)
-    values = {"completed": False, **fields, "user_id": user_id, "created_at": now, "updated_at": now}
-    statement = insert(Task).values(**values).returning(Task)
+    dialect = _dialect()
+    params = {"owner": user_id, "v_title": fields["title"], "v_description": fields.get("description"),
+              "v_completed": fields.get("completed", False), **_now_params(dialect)}
     for attempt in (1, 2):
         if users.owned and user_id not in state.known_users:
             _register_user(users, user_id)
         try:
-            return Session.scalars(statement).one()
+            return _rows(_insert_statement(dialect), params)[0]
         except sa_exc.IntegrityError as error:
             Session.rollback()
             if not _is_foreign_key_violation(error):
@@ -449,11 +501,11 @@ def get_task(user_id: str, task_id: str) -> Response:
     """Return one of the user's tasks."""
     task_number = _task_id_or_404(task_id)
     _users_table()
-    task = Session.scalars(select(Task).where(_owned_task(task_number, user_id))).one_or_none()
+    rows = _rows(_GET_TASK, {"task_id": task_number, "owner": user_id})
     Session.commit()
-    if task is None:
+    if not rows:
         raise _task_not_found()
-    return jsonify(task.to_dict())
+    return jsonify(task_json(rows[0]))
 
 
 @api.route("/tasks/<task_id>", methods=["PUT", "PATCH"])
@@ -471,25 +523,22 @@ def toggle_task(user_id: str, task_id: str) -> Response:
     """Flip completed, or set it to the body's {"completed": bool} so a retry is harmless."""
     task_number = _task_id_or_404(task_id)
     payload = read_json_object(request, required=False)
-    completed = ~Task.completed if payload is None else completed_field(payload)
-    return _update_and_respond(user_id, task_number, {"completed": completed})
+    return _update_and_respond(user_id, task_number,
+                               None if payload is None else {"completed": completed_field(payload)})
 
 
-def _update_and_respond(user_id: str, task_id: int, values: dict[str, Any]) -> Response:
-    """One UPDATE ... RETURNING of the user's task, committed; 404 when it matched nothing."""
+def _update_and_respond(user_id: str, task_id: int, values: dict[str, Any] | None) -> Response:
+    """One UPDATE ... RETURNING of the user's task (values None flips completed); 404 if it matched nothing."""
     _users_table()
-    statement = (
-        update(Task)
-        .where(_owned_task(task_id, user_id))
-        .values(**values, updated_at=now_expression(_dialect(), for_update=True))
-        .returning(Task)
-        .execution_options(synchronize_session=False)
-    )
-    task = Session.scalars(statement).one_or_none()
+    dialect = _dialect()
+    statement = _update_statement(None if values is None else tuple(sorted(values)), dialect)
+    params = {"task_id": task_id, "owner": user_id, **_now_params(dialect)}
+    params.update({f"v_{name}": value for name, value in (values or {}).items()})
+    rows = _rows(statement, params)
     Session.commit()
-    if task is None:
+    if not rows:
         raise _task_not_found()
-    return jsonify(task.to_dict())
+    return jsonify(task_json(rows[0]))
 
 
 @api.delete("/tasks/<task_id>")
@@ -498,9 +547,9 @@ def delete_task(user_id: str, task_id: str) -> tuple[str, int]:
     """Delete one of the user's tasks."""
     task_number = _task_id_or_404(task_id)
     _users_table()
-    deleted = Session.execute(delete(Task).where(_owned_task(task_number, user_id)).returning(Task.id)).first()
+    deleted = _rows(_DELETE_TASK, {"task_id": task_number, "owner": user_id})
     Session.commit()
-    if deleted is None:
+    if not deleted:
         raise _task_not_found()
     return "", 204
 

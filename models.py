@@ -99,17 +99,17 @@ class Task(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Return the Task as the API's JSON object."""
-        return {
-            "id": self.id,
-            "user_id": self.user_id,
-            "title": self.title,
-            "description": self.description,
-            "completed": self.completed,
-            "created_at": iso_utc(self.created_at),
-            "updated_at": iso_utc(self.updated_at),
-        }
+
+TASKS = Task.__table__
+# The columns of a task as the API returns it, in its JSON order.
+TASK_COLUMNS = tuple(TASKS.c[name] for name in
+                     ("id", "user_id", "title", "description", "completed", "created_at", "updated_at"))
+
+
+def task_json(row: Any) -> dict[str, Any]:
+    """A row of TASK_COLUMNS as the API's JSON object."""
+    return {"id": row[0], "user_id": row[1], "title": row[2], "description": row[3], "completed": row[4],
+            "created_at": iso_utc(row[5]), "updated_at": iso_utc(row[6])}
 
 
 def iso_utc(value: datetime) -> str:
