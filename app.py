@@ -133,6 +133,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     if app.config["JWKS_URL"]:
         app.extensions["jwks"] = _jwks_client(app.config)
+    app.extensions["verified_tokens"] = auth.VerifiedTokens()
 
     engine = make_engine(
         normalise_database_url(app.config["DATABASE_URL"]),

@@ -6,11 +6,13 @@ import functools
 import http.client
 import json
 import logging
+import math
 import re
 import threading
 import time
 import urllib.request
-from typing import Any, Callable, TypeVar
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, TypeVar
 
 import jwt
 from flask import current_app, g, request
@@ -49,8 +51,52 @@ def bearer_token() -> str:
     return match.group(1)
 
 
-def verify_token(token: str) -> dict[str, Any]:
-    """Verify a token with the secret (HS256) or the JWKS (asymmetric); any failure is a 401."""
+class VerifiedTokens:
+    """Tokens that passed verification, so that a client's next requests skip the signature check.
+
+    An entry holds exactly what verification decided and is dropped the moment that could change:
+    when the token expires (exp plus the same leeway) or when the key that verified it stops being
+    trusted (a JWKS key past its max age). Failures are never remembered. Bounded in size: the
+    oldest entry goes first.
+    """
+
+    def __init__(self, max_entries: int = 1024) -> None:
+        self._max_entries = max_entries
+        self._entries: dict[str, tuple[Mapping[str, Any], float, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, token: str) -> Mapping[str, Any] | None:
+        """The claims of a token verified before and still valid, else None."""
+        entry = self._entries.get(token)
+        if entry is None:
+            return None
+        claims, expires_at, trusted_until = entry
+        if time.time() > expires_at or time.monotonic() > trusted_until:
+            self._entries.pop(token, None)
+            return None
+        return claims
+
+    def add(self, token: str, claims: Mapping[str, Any], trusted_until: float) -> None:
+        """Remember a verified token until exp (+ leeway) or trusted_until (monotonic), whichever is first."""
+        expires_at = float(claims["exp"]) + LEEWAY_SECONDS
+        with self._lock:
+            while len(self._entries) >= self._max_entries:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[token] = (claims, expires_at, trusted_until)
+
+
+def verify_token(token: str) -> Mapping[str, Any]:
+    """The token's claims, verified with the secret (HS256) or the JWKS (asymmetric); any failure is a 401."""
+    verified: VerifiedTokens = current_app.extensions["verified_tokens"]
+    claims = verified.get(token)
+    if claims is None:
+        claims, trusted_until = _verify_signed_token(token)
+        verified.add(token, claims, trusted_until)
+    return claims
+
+
+def _verify_signed_token(token: str) -> tuple[Mapping[str, Any], float]:
+    """Check the token's signature and claims; also return until when (monotonic) its key is trusted."""
     config = current_app.config
     try:
         header = jwt.get_unverified_header(token)
@@ -64,13 +110,15 @@ def verify_token(token: str) -> dict[str, Any]:
         key: Any = config["BETTER_AUTH_SECRET"]
         algorithms = ALGORITHMS
         issuer, audience = config.get("JWT_ISSUER"), config.get("JWT_AUDIENCE")
+        trusted_until = math.inf  # the secret is the process's for its whole life
     elif algorithm in JWKS_ALGORITHMS and jwks is not None:
         signing_key = jwks.key_for(header.get("kid"), algorithm)
         key, algorithms = signing_key.key, [algorithm]
         issuer, audience = jwks.issuer, jwks.audience
+        trusted_until = jwks.trusted_until()
     else:
         raise _unauthorized("The token is invalid; sign in again.", token_sent=True)
-    return _decode(token, key, algorithms, issuer=issuer, audience=audience)
+    return MappingProxyType(_decode(token, key, algorithms, issuer=issuer, audience=audience)), trusted_until
 
 
 def _decode(token: str, key: Any, algorithms: list[str], *, issuer: str | None,
@@ -140,6 +188,10 @@ class JWKSClient:
         if key is None or key.algorithm_name != algorithm:
             raise _unauthorized("The token is invalid; sign in again.", token_sent=True)
         return key
+
+    def trusted_until(self) -> float:
+        """When (time.monotonic()) the keys fetched last stop being trusted without a refetch."""
+        return math.inf if self._fetched_at is None else self._fetched_at + self._max_age
 
     def _expired(self) -> bool:
         """Keys are trusted for max_age_seconds, so a key removed from the JWKS stops verifying."""

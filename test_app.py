@@ -11,6 +11,7 @@ import hmac
 import io
 import json
 import logging
+import math
 import os
 import re
 import resource
@@ -35,6 +36,7 @@ from sqlalchemy.engine import make_url
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 import app as app_module
+import auth
 from app import create_app
 from auth import DEV_SECRET, issue_token
 from models import iso_utc, normalise_database_url
@@ -423,6 +425,45 @@ def test_expired_token_message_says_so(client: Any) -> None:
     token = make_token(exp=_now() - 120, iat=_now() - 700)
     response = client.get(f"/api/{ALICE}/tasks", headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 401 and "expired" in response.get_json()["detail"]
+
+
+def test_a_verified_token_is_checked_once_then_remembered(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    checks: list[str] = []
+    real_decode = auth._decode
+    monkeypatch.setattr(auth, "_decode", lambda token, *args, **kwargs: checks.append(token) or
+                        real_decode(token, *args, **kwargs))
+    headers = auth_headers(ALICE)
+    for _ in range(3):
+        assert client.get(f"/api/{ALICE}/tasks", headers=headers).status_code == 200
+    assert len(checks) == 1
+    # Remembered for its own user only: the same token on another user's URL is still a 403.
+    assert client.get(f"/api/{BOB}/tasks", headers=headers).status_code == 403
+    # A refused token is never remembered: each attempt is checked again, and refused again.
+    forged = make_token() + "x"
+    for _ in range(2):
+        assert client.get(f"/api/{ALICE}/tasks", headers={"Authorization": f"Bearer {forged}"}).status_code == 401
+    assert checks.count(forged) == 2
+
+
+def test_a_remembered_token_still_expires(client: Any) -> None:
+    # Valid for one to two more seconds, leeway included.
+    token = make_token(exp=_now() - auth.LEEWAY_SECONDS + 2, iat=_now() - 600)
+    headers = {"Authorization": f"Bearer {token}"}
+    assert client.get(f"/api/{ALICE}/tasks", headers=headers).status_code == 200
+    time.sleep(2.1)
+    response = client.get(f"/api/{ALICE}/tasks", headers=headers)
+    assert response.status_code == 401 and "expired" in response.get_json()["detail"]
+
+
+def test_remembered_tokens_are_bounded_oldest_first() -> None:
+    verified = auth.VerifiedTokens(max_entries=2)
+    claims = {"sub": ALICE, "exp": _now() + 600}
+    for token in ("first", "second", "third"):
+        verified.add(token, claims, trusted_until=math.inf)
+    assert verified.get("first") is None
+    assert verified.get("second") == claims and verified.get("third") == claims
+    verified.add("fourth", claims, trusted_until=time.monotonic() - 1)  # its key is no longer trusted
+    assert verified.get("fourth") is None
 
 
 def test_audience_and_issuer_checked_when_configured(database_url: str) -> None:
@@ -1481,10 +1522,12 @@ def test_jwks_key_removed_from_the_set_stops_verifying(database_url: str, jwks_s
     application = make_app(database_url, BETTER_AUTH_URL=AUTH_URL, JWKS_URL=jwks_server.url,
                            JWKS_REFETCH_SECONDS=0, JWKS_MAX_AGE_SECONDS=0.2)
     revoked = signing_keys["RS256"]
-    assert _get_tasks(application, revoked.token()).status_code == 200
+    token = revoked.token()  # the very same token before and after: verified once, then remembered
+    assert _get_tasks(application, token).status_code == 200
+    assert _get_tasks(application, token).status_code == 200
     jwks_server.keys.remove(revoked)
     time.sleep(0.3)
-    assert _get_tasks(application, revoked.token()).status_code == 401
+    assert _get_tasks(application, token).status_code == 401
     assert _get_tasks(application, signing_keys["EdDSA"].token()).status_code == 200
     application.extensions["tasks_api"].engine.dispose()
 
