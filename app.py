@@ -157,7 +157,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     origins = [origin.strip() for origin in app.config["CORS_ORIGINS"].split(",") if origin.strip()]
     CORS(app, origins=origins, methods=API_METHODS, allow_headers=["Authorization", "Content-Type"],
          expose_headers=["Location", "X-Total-Count", "X-Request-ID", "Retry-After", "WWW-Authenticate"],
-         max_age=600)
+         # A request without an Origin header did not ask for CORS (a browser's cross-origin fetch
+         # always sends one): it gets no CORS headers, and costs flask-cors no work.
+         max_age=600, always_send=False)
     register_error_handlers(app)
     app.register_blueprint(api)
     app.add_url_rule("/health", view_func=health)

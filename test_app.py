@@ -870,6 +870,13 @@ def test_unlisted_origin_gets_no_cors_headers(client: Any) -> None:
     assert "Access-Control-Allow-Origin" not in response.headers
 
 
+def test_request_without_origin_gets_no_cors_headers(as_user: Any) -> None:
+    # Not a CORS request (curl, server to server): nothing to allow, and nothing computed.
+    response = as_user("get")
+    assert response.status_code == 200
+    assert not [name for name in response.headers.keys() if name.startswith("Access-Control-")]
+
+
 def test_cors_origins_from_configuration(database_url: str) -> None:
     application = make_app(database_url, CORS_ORIGINS="https://app.example, https://www.app.example")
     client = application.test_client()
