@@ -22,7 +22,6 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, 
 from flask_cors import CORS
 from sqlalchemy import (Engine, Executable, Insert, Row, Select, Update, bindparam, delete, exc as sa_exc, func, insert,
                         select, text, update)
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
 import auth
@@ -493,7 +492,11 @@ def _register_user(users: UsersTable, user_id: str) -> None:
         "name": _claim_text(claims.get("name")),
         "created_at": now_expression(_dialect(), for_update=False),
     }
-    dialect_insert = postgresql.insert if _dialect() == "postgresql" else sqlite.insert
+    # Imported here, for the dialect in use only: each dialect's package is memory in every worker.
+    if _dialect() == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
     Session.execute(dialect_insert(users.table).values(**values).on_conflict_do_nothing(index_elements=["id"]))
     known = _state().known_users
     if len(known) >= KNOWN_USERS_MAX:

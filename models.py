@@ -269,13 +269,21 @@ def _make_checkout_check(idle_check_seconds: float):
 _ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
 
+def _close_idle_connections_before_fork() -> None:
+    """The forking process gives up its idle connections: a gunicorn master (preload_app) has no use
+    for the one that created the schema, and a child must never inherit a live one."""
+    for engine in list(_ENGINES):
+        engine.dispose()
+
+
 def _dispose_engines_in_child() -> None:
+    """Forget, without closing, any connection still checked out in the parent at the fork."""
     for engine in list(_ENGINES):
         engine.dispose(close=False)
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_dispose_engines_in_child)
+    os.register_at_fork(before=_close_idle_connections_before_fork, after_in_child=_dispose_engines_in_child)
 
 
 # --- schema ----------------------------------------------------------------------------------
