@@ -171,6 +171,10 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, pool_tim
         "keepalives_count": 3,
         "tcp_user_timeout": 10_000,
     }
+    if "gssencmode" not in parsed.query:
+        # Neon and most hosted PostgreSQL have no Kerberos: skip libpq's GSSAPI probe on every connect
+        # (it loads Kerberos into each worker, about 1 MB, for nothing).
+        connect_args["gssencmode"] = "disable"
     engine = create_engine(
         parsed,
         isolation_level="AUTOCOMMIT",
