@@ -72,7 +72,8 @@ class VerifiedTokens:
             return None
         claims, expires_at, trusted_until = entry
         if time.time() > expires_at or time.monotonic() > trusted_until:
-            self._entries.pop(token, None)
+            with self._lock:  # every change under the lock, so that add() can walk the entries
+                self._entries.pop(token, None)
             return None
         return claims
 
@@ -80,8 +81,8 @@ class VerifiedTokens:
         """Remember a verified token until exp (+ leeway) or trusted_until (monotonic), whichever is first."""
         expires_at = float(claims["exp"]) + LEEWAY_SECONDS
         with self._lock:
-            while len(self._entries) >= self._max_entries:
-                self._entries.pop(next(iter(self._entries)))
+            while self._entries and len(self._entries) >= self._max_entries:
+                del self._entries[next(iter(self._entries))]
             self._entries[token] = (claims, expires_at, trusted_until)
 
 
