@@ -297,7 +297,12 @@ class Service:
         raise ScenarioFailure(f"{self.name} not healthy ({path}) after {timeout:.0f}s")
 
     def wait_workers_ready(self, db_port: int, timeout: float = 30) -> None:
-        """Wait until every worker has built its app: each then holds a pooled connection to db_port."""
+        """Wait until every worker holds a pooled connection to db_port.
+
+        The master builds the app (preload_app) and keeps no connection across the fork, so a worker
+        connects on its first request: readiness checks go out, each on a new connection (the kernel
+        spreads those over the workers' sockets), until every worker has one.
+        """
         started = time.monotonic()
         while time.monotonic() - started < timeout:
             if not self.process.alive():
@@ -305,7 +310,12 @@ class Service:
             workers = set(self.worker_pids())
             if len(workers) >= self.workers and workers <= pids_connected_to(db_port):
                 return
-            time.sleep(0.1)
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                connection.request("GET", "/health/ready")
+                connection.getresponse().read()
+                connection.close()
+            time.sleep(0.05)
         connected = set(self.worker_pids()) & pids_connected_to(db_port)
         raise ScenarioFailure(f"{self.name}: {len(connected)}/{self.workers} workers connected to the database "
                               f"after {timeout:.0f}s")
