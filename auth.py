@@ -6,7 +6,6 @@ import functools
 import http.client
 import json
 import logging
-import math
 import re
 import threading
 import time
@@ -54,15 +53,15 @@ def bearer_token() -> str:
 class VerifiedTokens:
     """Tokens that passed verification, so that a client's next requests skip the signature check.
 
-    An entry holds exactly what verification decided and is dropped the moment that could change:
-    when the token expires (exp plus the same leeway) or when the key that verified it stops being
-    trusted (a JWKS key past its max age). Failures are never remembered. Bounded in size: the
-    oldest entry goes first.
+    An entry is dropped the moment a fresh check would refuse the token: when it expires (PyJWT's
+    own rule: int(exp) + leeway <= now) or when the key that verified it is no longer the one the
+    JWKS client holds for its kid (removed by a refetch, or past its max age). Refusals are never
+    remembered. Bounded in size: the oldest entry goes first.
     """
 
     def __init__(self, max_entries: int = 1024) -> None:
         self._max_entries = max_entries
-        self._entries: dict[str, tuple[Mapping[str, Any], float, float]] = {}
+        self._entries: dict[str, tuple[Mapping[str, Any], int, Callable[[], bool] | None]] = {}
         self._lock = threading.Lock()
 
     def get(self, token: str) -> Mapping[str, Any] | None:
@@ -70,20 +69,20 @@ class VerifiedTokens:
         entry = self._entries.get(token)
         if entry is None:
             return None
-        claims, expires_at, trusted_until = entry
-        if time.time() > expires_at or time.monotonic() > trusted_until:
+        claims, expires_at, key_still_trusted = entry
+        if time.time() >= expires_at or (key_still_trusted is not None and not key_still_trusted()):
             with self._lock:  # every change under the lock, so that add() can walk the entries
                 self._entries.pop(token, None)
             return None
         return claims
 
-    def add(self, token: str, claims: Mapping[str, Any], trusted_until: float) -> None:
-        """Remember a verified token until exp (+ leeway) or trusted_until (monotonic), whichever is first."""
-        expires_at = float(claims["exp"]) + LEEWAY_SECONDS
+    def add(self, token: str, claims: Mapping[str, Any], key_still_trusted: Callable[[], bool] | None) -> None:
+        """Remember a verified token; key_still_trusted (None: the process's own secret) is asked on each use."""
+        expires_at = int(claims["exp"]) + LEEWAY_SECONDS
         with self._lock:
             while self._entries and len(self._entries) >= self._max_entries:
                 del self._entries[next(iter(self._entries))]
-            self._entries[token] = (claims, expires_at, trusted_until)
+            self._entries[token] = (claims, expires_at, key_still_trusted)
 
 
 def verify_token(token: str) -> Mapping[str, Any]:
@@ -91,13 +90,13 @@ def verify_token(token: str) -> Mapping[str, Any]:
     verified: VerifiedTokens = current_app.extensions["verified_tokens"]
     claims = verified.get(token)
     if claims is None:
-        claims, trusted_until = _verify_signed_token(token)
-        verified.add(token, claims, trusted_until)
+        claims, key_still_trusted = _verify_signed_token(token)
+        verified.add(token, claims, key_still_trusted)
     return claims
 
 
-def _verify_signed_token(token: str) -> tuple[Mapping[str, Any], float]:
-    """Check the token's signature and claims; also return until when (monotonic) its key is trusted."""
+def _verify_signed_token(token: str) -> tuple[Mapping[str, Any], Callable[[], bool] | None]:
+    """Check the token's signature and claims; also return how to ask whether its key is still trusted."""
     config = current_app.config
     try:
         header = jwt.get_unverified_header(token)
@@ -111,15 +110,16 @@ def _verify_signed_token(token: str) -> tuple[Mapping[str, Any], float]:
         key: Any = config["BETTER_AUTH_SECRET"]
         algorithms = ALGORITHMS
         issuer, audience = config.get("JWT_ISSUER"), config.get("JWT_AUDIENCE")
-        trusted_until = math.inf  # the secret is the process's for its whole life
+        key_still_trusted = None  # the secret is the process's for its whole life
     elif algorithm in JWKS_ALGORITHMS and jwks is not None:
-        signing_key = jwks.key_for(header.get("kid"), algorithm)
+        kid = header.get("kid")
+        signing_key = jwks.key_for(kid, algorithm)
         key, algorithms = signing_key.key, [algorithm]
         issuer, audience = jwks.issuer, jwks.audience
-        trusted_until = jwks.trusted_until()
+        key_still_trusted = functools.partial(jwks.still_trusts, kid, signing_key)
     else:
         raise _unauthorized("The token is invalid; sign in again.", token_sent=True)
-    return MappingProxyType(_decode(token, key, algorithms, issuer=issuer, audience=audience)), trusted_until
+    return MappingProxyType(_decode(token, key, algorithms, issuer=issuer, audience=audience)), key_still_trusted
 
 
 def _decode(token: str, key: Any, algorithms: list[str], *, issuer: str | None,
@@ -190,9 +190,9 @@ class JWKSClient:
             raise _unauthorized("The token is invalid; sign in again.", token_sent=True)
         return key
 
-    def trusted_until(self) -> float:
-        """When (time.monotonic()) the keys fetched last stop being trusted without a refetch."""
-        return math.inf if self._fetched_at is None else self._fetched_at + self._max_age
+    def still_trusts(self, kid: str | None, key: jwt.PyJWK) -> bool:
+        """Whether key is still the one held for kid and within its max age (a remembered token asks)."""
+        return self._keys.get(kid) is key and not self._expired()
 
     def _expired(self) -> bool:
         """Keys are trusted for max_age_seconds, so a key removed from the JWKS stops verifying."""
