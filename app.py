@@ -248,6 +248,9 @@ def _finish_request(response: Response) -> Response:
     path = request.path
     if path.startswith("/api/"):
         headers["Cache-Control"] = "no-store"
+    else:
+        # CORS headers depend on the request's Origin: a cache must not hand one answer to the other.
+        response.vary.add("Origin")
     claims = g.get("claims")
     duration_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
     # Quoted, so that a %0A in a URL cannot start a forged log line.

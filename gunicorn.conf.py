@@ -19,8 +19,11 @@ threads = int(os.environ.get("GUNICORN_THREADS") or 4)
 preload_app = True
 # Each worker listens on its own SO_REUSEPORT socket and the kernel spreads new connections evenly.
 # On a shared socket, the worker that wakes first accepts a whole burst of keep-alive connections
-# (measured: 32 of 32, or 24/4/3/1) and serves them on one core while the others idle.
-reuse_port = True
+# (measured: 32 of 32, or 24/4/3/1) and serves them on one core while the others idle. The costs:
+# connections still queued on a worker's socket are reset when that worker exits (timeout, HUP); a
+# stalled worker keeps getting its share of new connections; and a second server started by the same
+# user on the same port shares the traffic instead of failing. GUNICORN_REUSE_PORT=0 turns it off.
+reuse_port = os.environ.get("GUNICORN_REUSE_PORT", "1") != "0"
 timeout = 30
 graceful_timeout = 25
 keepalive = 5
@@ -36,11 +39,18 @@ control_socket_disable = True
 # Python's recipe for forking servers (gc.freeze() documentation): no collection while the master
 # builds the app, its objects frozen just before the workers are forked. A worker's collections then
 # never walk (nor write to) the pages it shares with the master, so they stay shared: with preload,
-# 17 MB of a worker's 59 are its own (46 of 69 before).
-gc.disable()
+# 17 MB of a worker's 59 are its own (46 of 69 before). A SIGHUP runs this file again in the master:
+# by then the app is frozen, and the collector stays on.
+if gc.get_freeze_count() == 0:
+    gc.disable()
 
 
 def when_ready(_server):
     """In the master, after the app is loaded and before the first worker is forked."""
     gc.freeze()
+    gc.enable()
+
+
+def post_fork(_server, _worker):
+    """In each new worker: the collector on, whatever the master's state at the fork."""
     gc.enable()

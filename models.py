@@ -171,9 +171,10 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, pool_tim
         "keepalives_count": 3,
         "tcp_user_timeout": 10_000,
     }
-    if "gssencmode" not in parsed.query:
+    if "gssencmode" not in parsed.query and "PGGSSENCMODE" not in os.environ:
         # Neon and most hosted PostgreSQL have no Kerberos: skip libpq's GSSAPI probe on every connect
-        # (it loads Kerberos into each worker, about 1 MB, for nothing).
+        # (it loads Kerberos into each worker, about 1 MB, for nothing), unless the URL or PGGSSENCMODE
+        # asks for something else.
         connect_args["gssencmode"] = "disable"
     engine = create_engine(
         parsed,
@@ -274,20 +275,14 @@ _ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
 
 def _close_idle_connections_before_fork() -> None:
-    """The forking process gives up its idle connections: a gunicorn master (preload_app) has no use
-    for the one that created the schema, and a child must never inherit a live one."""
+    """The forking process gives up its pooled connections: a gunicorn master (preload_app) has no use
+    for the one that created the schema, and the child starts from an empty pool of its own."""
     for engine in list(_ENGINES):
         engine.dispose()
 
 
-def _dispose_engines_in_child() -> None:
-    """Forget, without closing, any connection still checked out in the parent at the fork."""
-    for engine in list(_ENGINES):
-        engine.dispose(close=False)
-
-
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_close_idle_connections_before_fork, after_in_child=_dispose_engines_in_child)
+    os.register_at_fork(before=_close_idle_connections_before_fork)
 
 
 # --- schema ----------------------------------------------------------------------------------

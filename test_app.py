@@ -11,7 +11,6 @@ import hmac
 import io
 import json
 import logging
-import math
 import os
 import re
 import resource
@@ -459,10 +458,10 @@ def test_remembered_tokens_are_bounded_oldest_first() -> None:
     verified = auth.VerifiedTokens(max_entries=2)
     claims = {"sub": ALICE, "exp": _now() + 600}
     for token in ("first", "second", "third"):
-        verified.add(token, claims, trusted_until=math.inf)
+        verified.add(token, claims, key_still_trusted=None)
     assert verified.get("first") is None
     assert verified.get("second") == claims and verified.get("third") == claims
-    verified.add("fourth", claims, trusted_until=time.monotonic() - 1)  # its key is no longer trusted
+    verified.add("fourth", claims, key_still_trusted=lambda: False)  # its key is no longer trusted
     assert verified.get("fourth") is None
 
 
@@ -875,6 +874,15 @@ def test_request_without_origin_gets_no_cors_headers(as_user: Any) -> None:
     response = as_user("get")
     assert response.status_code == 200
     assert not [name for name in response.headers.keys() if name.startswith("Access-Control-")]
+
+
+@pytest.mark.parametrize("path", ["/health", "/openapi.json", "/docs"])
+def test_cacheable_answers_vary_by_origin(client: Any, path: str) -> None:
+    # Their CORS headers depend on Origin, and nothing forbids caching them.
+    plain, cross = client.get(path), client.get(path, headers={"Origin": ORIGIN})
+    assert "Access-Control-Allow-Origin" not in plain.headers
+    assert cross.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert "Origin" in plain.headers.get("Vary", "") and "Origin" in cross.headers.get("Vary", "")
 
 
 def test_cors_origins_from_configuration(database_url: str) -> None:
@@ -1539,6 +1547,23 @@ def test_jwks_key_removed_from_the_set_stops_verifying(database_url: str, jwks_s
     application.extensions["tasks_api"].engine.dispose()
 
 
+def test_remembered_jwks_token_is_refused_once_a_refetch_drops_its_key(
+        database_url: str, jwks_server: JWKSServer, signing_keys: dict[str, SigningKey]) -> None:
+    # Well inside the keys' 5-minute max age: an unknown kid makes the service refetch early.
+    application = make_app(database_url, BETTER_AUTH_URL=AUTH_URL, JWKS_URL=jwks_server.url,
+                           JWKS_REFETCH_SECONDS=0)
+    revoked = signing_keys["ES256"]
+    token = revoked.token()
+    assert _get_tasks(application, token).status_code == 200  # verified, and now remembered
+    jwks_server.keys.remove(revoked)
+    fetches = jwks_server.fetches
+    assert _get_tasks(application, signing_keys["EdDSA"].token(kid="rotated-in")).status_code == 401
+    assert jwks_server.fetches == fetches + 1  # the refetch that dropped the ES256 key
+    assert _get_tasks(application, token).status_code == 401  # as a fresh check of it would answer
+    assert _get_tasks(application, signing_keys["EdDSA"].token()).status_code == 200
+    application.extensions["tasks_api"].engine.dispose()
+
+
 def test_jwks_broken_http_answer_is_503_and_rate_limited(database_url: str, jwks_server: JWKSServer,
                                                          signing_keys: dict[str, SigningKey]) -> None:
     jwks_server.garbage = True
@@ -1697,14 +1722,28 @@ def test_a_database_that_stops_answering_is_a_503_within_the_query_timeout(postg
         proxy.close()
 
 
+@postgres_only
+@pytest.mark.parametrize("environment, expected", [({}, "disable"), ({"PGGSSENCMODE": "prefer"}, "prefer")])
+def test_no_gssapi_probe_unless_asked(database_url: str, monkeypatch: pytest.MonkeyPatch,
+                                      environment: dict[str, str], expected: str) -> None:
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    application = make_app(database_url)
+    engine = application.extensions["tasks_api"].engine
+    with engine.connect() as connection:
+        assert connection.connection.dbapi_connection.get_dsn_parameters()["gssencmode"] == expected
+    engine.dispose()
+
+
 def test_a_forked_worker_never_reuses_the_parents_connections(app: Any, as_user: Any) -> None:
     """gunicorn forks workers: a connection opened before the fork must not be shared after it."""
     assert as_user("get").status_code == 200
     engine = app.extensions["tasks_api"].engine
     assert engine.pool.checkedin() == 1  # the parent's pooled connection
+    parent_pool = engine.pool
     child = os.fork()
     if child == 0:  # the child reports through its exit code only
-        os._exit(0 if engine.pool.checkedin() == 0 else 1)
+        os._exit(0 if engine.pool is not parent_pool and engine.pool.checkedin() == 0 else 1)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     # The parent gave up its idle connection before the fork (a gunicorn master has no use for it).
