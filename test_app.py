@@ -1275,11 +1275,24 @@ def jwks_server(signing_keys: dict[str, SigningKey]) -> Iterator[JWKSServer]:
 
 
 @pytest.fixture
-def jwks_app(database_url: str, jwks_server: JWKSServer) -> Iterator[Any]:
-    application = make_app(database_url, BETTER_AUTH_URL=AUTH_URL, JWKS_URL=jwks_server.url,
-                           JWKS_REFETCH_SECONDS=60)
-    yield application
-    application.extensions["tasks_api"].engine.dispose()
+def jwks_app_with(database_url: str, jwks_server: JWKSServer) -> Iterator[Callable[..., Any]]:
+    """Build apps in JWKS mode (the test server's keys) with more settings; disposed after the test."""
+    built: list[Any] = []
+
+    def build(**settings: Any) -> Any:
+        application = make_app(database_url, **{"BETTER_AUTH_URL": AUTH_URL, "JWKS_URL": jwks_server.url,
+                                                 **settings})
+        built.append(application)
+        return application
+
+    yield build
+    for application in built:
+        application.extensions["tasks_api"].engine.dispose()
+
+
+@pytest.fixture
+def jwks_app(jwks_app_with: Callable[..., Any]) -> Any:
+    return jwks_app_with(JWKS_REFETCH_SECONDS=60)
 
 
 def _get_tasks(application: Any, token: str, user: str = ALICE) -> Any:
@@ -1308,16 +1321,14 @@ def test_jwks_is_fetched_once_and_cached(jwks_app: Any, jwks_server: JWKSServer,
     assert jwks_server.fetches == 1
 
 
-def test_jwks_key_rotation_is_picked_up(database_url: str, jwks_server: JWKSServer,
+def test_jwks_key_rotation_is_picked_up(jwks_app_with: Callable[..., Any], jwks_server: JWKSServer,
                                         signing_keys: dict[str, SigningKey]) -> None:
-    application = make_app(database_url, BETTER_AUTH_URL=AUTH_URL, JWKS_URL=jwks_server.url,
-                           JWKS_REFETCH_SECONDS=0)
+    application = jwks_app_with(JWKS_REFETCH_SECONDS=0)
     assert _get_tasks(application, signing_keys["EdDSA"].token()).status_code == 200
     rotated = SigningKey("EdDSA", "kid-rotated")
     jwks_server.keys.append(rotated)
     assert _get_tasks(application, rotated.token()).status_code == 200
     assert jwks_server.fetches == 2
-    application.extensions["tasks_api"].engine.dispose()
 
 
 def test_unknown_kid_is_401_and_refetches_at_most_once_per_interval(jwks_app: Any, jwks_server: JWKSServer,
@@ -1358,12 +1369,12 @@ def test_jwks_token_whose_alg_differs_from_its_key_is_401(jwks_app: Any,
 
 
 @pytest.mark.parametrize("with_secret", [True, False])
-def test_hs256_token_is_never_verified_with_jwks_key_material(database_url: str, jwks_server: JWKSServer,
+def test_hs256_token_is_never_verified_with_jwks_key_material(jwks_app_with: Callable[..., Any],
+                                                              jwks_server: JWKSServer,
                                                               signing_keys: dict[str, SigningKey],
                                                               with_secret: bool) -> None:
     """Algorithm confusion: an HS256 token 'signed' with a public key the JWKS publishes."""
-    application = make_app(database_url, BETTER_AUTH_URL=AUTH_URL, JWKS_URL=jwks_server.url,
-                           BETTER_AUTH_SECRET=SECRET if with_secret else None)
+    application = jwks_app_with(BETTER_AUTH_SECRET=SECRET if with_secret else None)
     rsa_key, ed_key = signing_keys["RS256"], signing_keys["EdDSA"]
     now = _now()
     claims = {"sub": ALICE, "iat": now, "exp": now + 900, "iss": AUTH_URL, "aud": AUTH_URL}
@@ -1376,7 +1387,6 @@ def test_hs256_token_is_never_verified_with_jwks_key_material(database_url: str,
     for token in forged:
         assert _get_tasks(application, token).status_code == 401
     assert run_sql(application, "SELECT count(*) FROM tasks")[0][0] == 0
-    application.extensions["tasks_api"].engine.dispose()
 
 
 def _hs256_by_hand(claims: dict[str, Any], key: bytes, *, kid: str) -> str:
@@ -1387,11 +1397,10 @@ def _hs256_by_hand(claims: dict[str, Any], key: bytes, *, kid: str) -> str:
     return (signing_input + b"." + signature).decode()
 
 
-def test_jwks_down_is_503_not_401(database_url: str, jwks_server: JWKSServer,
+def test_jwks_down_is_503_not_401(jwks_app_with: Callable[..., Any], jwks_server: JWKSServer,
                                   signing_keys: dict[str, SigningKey]) -> None:
     jwks_server.failing = True
-    application = make_app(database_url, BETTER_AUTH_URL=AUTH_URL, JWKS_URL=jwks_server.url,
-                           JWKS_REFETCH_SECONDS=60)
+    application = jwks_app_with(JWKS_REFETCH_SECONDS=60)
     for _ in range(3):
         response = _get_tasks(application, signing_keys["EdDSA"].token())
         assert response.status_code == 503
@@ -1399,24 +1408,20 @@ def test_jwks_down_is_503_not_401(database_url: str, jwks_server: JWKSServer,
     assert jwks_server.fetches == 1  # an outage is not hammered
     # HS256 tokens do not depend on the JWKS.
     assert _get_tasks(application, make_token()).status_code == 200
-    application.extensions["tasks_api"].engine.dispose()
 
 
-def test_jwks_unreachable_host_is_503(database_url: str, signing_keys: dict[str, SigningKey]) -> None:
-    application = make_app(database_url, BETTER_AUTH_URL=AUTH_URL, JWKS_URL="http://127.0.0.1:1/jwks")
+def test_jwks_unreachable_host_is_503(jwks_app_with: Callable[..., Any], signing_keys: dict[str, SigningKey]) -> None:
+    application = jwks_app_with(JWKS_URL="http://127.0.0.1:1/jwks")
     assert _get_tasks(application, signing_keys["RS256"].token()).status_code == 503
-    application.extensions["tasks_api"].engine.dispose()
 
 
-def test_jwks_comes_back_after_an_outage(database_url: str, jwks_server: JWKSServer,
+def test_jwks_comes_back_after_an_outage(jwks_app_with: Callable[..., Any], jwks_server: JWKSServer,
                                          signing_keys: dict[str, SigningKey]) -> None:
     jwks_server.failing = True
-    application = make_app(database_url, BETTER_AUTH_URL=AUTH_URL, JWKS_URL=jwks_server.url,
-                           JWKS_REFETCH_SECONDS=0)
+    application = jwks_app_with(JWKS_REFETCH_SECONDS=0)
     assert _get_tasks(application, signing_keys["EdDSA"].token()).status_code == 503
     jwks_server.failing = False
     assert _get_tasks(application, signing_keys["EdDSA"].token()).status_code == 200
-    application.extensions["tasks_api"].engine.dispose()
 
 
 def test_better_auth_url_sets_jwks_url_and_claims(database_url: str) -> None:
@@ -1532,10 +1537,9 @@ def test_lazy_app_attribute_reports_configuration_errors_in_one_sentence(monkeyp
 
 # --- pinned findings of the security review ----------------------------------------------------
 
-def test_jwks_key_removed_from_the_set_stops_verifying(database_url: str, jwks_server: JWKSServer,
+def test_jwks_key_removed_from_the_set_stops_verifying(jwks_app_with: Callable[..., Any], jwks_server: JWKSServer,
                                                        signing_keys: dict[str, SigningKey]) -> None:
-    application = make_app(database_url, BETTER_AUTH_URL=AUTH_URL, JWKS_URL=jwks_server.url,
-                           JWKS_REFETCH_SECONDS=0, JWKS_MAX_AGE_SECONDS=0.2)
+    application = jwks_app_with(JWKS_REFETCH_SECONDS=0, JWKS_MAX_AGE_SECONDS=0.2)
     revoked = signing_keys["RS256"]
     token = revoked.token()  # the very same token before and after: verified once, then remembered
     assert _get_tasks(application, token).status_code == 200
@@ -1544,14 +1548,12 @@ def test_jwks_key_removed_from_the_set_stops_verifying(database_url: str, jwks_s
     time.sleep(0.3)
     assert _get_tasks(application, token).status_code == 401
     assert _get_tasks(application, signing_keys["EdDSA"].token()).status_code == 200
-    application.extensions["tasks_api"].engine.dispose()
 
 
 def test_remembered_jwks_token_is_refused_once_a_refetch_drops_its_key(
-        database_url: str, jwks_server: JWKSServer, signing_keys: dict[str, SigningKey]) -> None:
+        jwks_app_with: Callable[..., Any], jwks_server: JWKSServer, signing_keys: dict[str, SigningKey]) -> None:
     # Well inside the keys' 5-minute max age: an unknown kid makes the service refetch early.
-    application = make_app(database_url, BETTER_AUTH_URL=AUTH_URL, JWKS_URL=jwks_server.url,
-                           JWKS_REFETCH_SECONDS=0)
+    application = jwks_app_with(JWKS_REFETCH_SECONDS=0)
     revoked = signing_keys["ES256"]
     token = revoked.token()
     assert _get_tasks(application, token).status_code == 200  # verified, and now remembered
@@ -1561,18 +1563,15 @@ def test_remembered_jwks_token_is_refused_once_a_refetch_drops_its_key(
     assert jwks_server.fetches == fetches + 1  # the refetch that dropped the ES256 key
     assert _get_tasks(application, token).status_code == 401  # as a fresh check of it would answer
     assert _get_tasks(application, signing_keys["EdDSA"].token()).status_code == 200
-    application.extensions["tasks_api"].engine.dispose()
 
 
-def test_jwks_broken_http_answer_is_503_and_rate_limited(database_url: str, jwks_server: JWKSServer,
+def test_jwks_broken_http_answer_is_503_and_rate_limited(jwks_app_with: Callable[..., Any], jwks_server: JWKSServer,
                                                          signing_keys: dict[str, SigningKey]) -> None:
     jwks_server.garbage = True
-    application = make_app(database_url, BETTER_AUTH_URL=AUTH_URL, JWKS_URL=jwks_server.url,
-                           JWKS_REFETCH_SECONDS=60)
+    application = jwks_app_with(JWKS_REFETCH_SECONDS=60)
     for _ in range(3):
         assert _get_tasks(application, signing_keys["EdDSA"].token()).status_code == 503
     assert jwks_server.fetches == 1
-    application.extensions["tasks_api"].engine.dispose()
 
 
 def test_jwks_entries_that_are_not_keys_are_skipped(jwks_app: Any, jwks_server: JWKSServer,
