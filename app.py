@@ -544,9 +544,8 @@ def update_task(user_id: str, task_id: str) -> Response:
 def toggle_task(user_id: str, task_id: str) -> Response:
     """Flip completed, or set it to the body's {"completed": bool} so a retry is harmless."""
     task_number = _task_id_or_404(task_id)
-    payload = read_json_object(request, required=False)
-    return _update_and_respond(user_id, task_number,
-                               None if payload is None else {"completed": completed_field(payload)})
+    completed = completed_field(read_json_object(request, required=False))
+    return _update_and_respond(user_id, task_number, None if completed is None else {"completed": completed})
 
 
 def _update_and_respond(user_id: str, task_id: int, values: dict[str, Any] | None) -> Response:

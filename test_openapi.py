@@ -251,7 +251,7 @@ def test_other_errors_validate(client: Any) -> None:
     assert checked(client.post(f"/api/{ALICE}/tasks", data="x" * (65 * 1024), content_type="application/json",
                                headers=bearer())).status_code == 413
     assert checked(client.get(f"/api/{ALICE}/tasks/abc", headers=bearer())).status_code == 404
-    assert checked(client.patch(task_url + "/complete", json={"done": True}, headers=bearer())).status_code == 422
+    assert checked(client.patch(task_url + "/complete", json={"completed": "yes"}, headers=bearer())).status_code == 422
     assert checked(client.get("/health")).status_code == 200
     assert checked(client.get("/health/ready")).status_code == 200
     deleted = checked(client.delete(task_url, headers=bearer()))

@@ -125,17 +125,17 @@ def task_fields(payload: Mapping[str, Any], *, partial: bool) -> dict[str, Any]:
     return fields
 
 
-def completed_field(payload: Mapping[str, Any]) -> bool:
-    """The toggle endpoint's optional body: {"completed": true|false}."""
-    if "completed" not in payload:
-        raise ValidationError([field_error(
-            "completed", "Send {\"completed\": true} or {\"completed\": false}, or no body to flip it.",
-            "missing")])
+def completed_field(payload: Mapping[str, Any] | None) -> bool | None:
+    """The toggle's optional body: {"completed": true|false} sets it; no body, or no such field, flips it.
+
+    Unknown fields are ignored here as everywhere ({"isCompleted": true} from some frontends flips).
+    """
+    if payload is None or "completed" not in payload:
+        return None
     errors: list[dict[str, str]] = []
     value = _check_completed(payload["completed"], errors)
     if errors:
         raise ValidationError(errors)
-    assert value is not None
     return value
 
 
