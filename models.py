@@ -87,6 +87,9 @@ class Task(Base):
         Index("ix_tasks_user_created", "user_id", "created_at", "id"),
         Index("ix_tasks_user_updated", "user_id", "updated_at", "id"),
         Index("ix_tasks_user_title", "user_id", "title", "id"),
+        # Ids are never reused: without AUTOINCREMENT, SQLite hands the id of the newest deleted task
+        # to the next one, and a retried DELETE of the old id would delete the new task.
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

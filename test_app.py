@@ -254,6 +254,16 @@ def test_update_all_fields_and_clear_description(as_user: Any, new_task: Any) ->
     assert (body["title"], body["description"], body["completed"]) == ("T", None, True)
 
 
+def test_task_ids_are_never_reused(app: Any, as_user: Any, new_task: Any) -> None:
+    # A retried DELETE of an old id must never reach a newer task, of this user or another.
+    first, newest = new_task("first"), new_task("newest")
+    assert as_user("delete", f"/tasks/{newest['id']}").status_code == 204
+    after = new_task("after", user=BOB)
+    assert after["id"] > newest["id"]
+    assert as_user("delete", f"/tasks/{newest['id']}").status_code == 404
+    assert {row[0] for row in run_sql(app, "SELECT id FROM tasks")} == {first["id"], after["id"]}
+
+
 def test_delete_task(app: Any, as_user: Any, new_task: Any) -> None:
     task = new_task()
     response = as_user("delete", f"/tasks/{task['id']}")
