@@ -165,6 +165,8 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, pool_tim
 
     connect_args: dict[str, Any] = {
         "connect_timeout": connect_timeout,
+        # The deadlines _wait_with_deadline enforces, carried by this engine's connections.
+        "connection_factory": _timed_connection_class(connect_timeout, query_timeout),
         "application_name": "tasks-api",
         # A dead network path must surface as an error, not a hang: keepalives for idle sockets,
         # tcp_user_timeout for unacknowledged writes.
@@ -191,7 +193,6 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, pool_tim
         pool_pre_ping=False,
         connect_args=connect_args,
     )
-    _WAIT_DEADLINE[0] = float(query_timeout)
     pg_extensions.set_wait_callback(_wait_with_deadline)
     event.listen(engine, "checkout", _make_checkout_check(idle_check_seconds))
     event.listen(engine, "checkin", _mark_checkin)
@@ -199,20 +200,28 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, pool_tim
     return engine
 
 
-# How long any one wait on PostgreSQL may last (connect, statement, result), in seconds.
-_WAIT_DEADLINE = [8.0]
+def _timed_connection_class(connect_timeout: float, query_timeout: float) -> type:
+    """A psycopg2 connection class whose connections carry the deadlines of the engine that opens them."""
+    return type("TimedConnection", (pg_extensions.connection,),
+                {"connect_deadline": float(connect_timeout), "wait_deadline": float(query_timeout)})
+
+
+_CONNECTED = (pg_extensions.STATUS_READY, pg_extensions.STATUS_BEGIN, pg_extensions.STATUS_PREPARED)
 
 
 def _wait_with_deadline(connection: Any) -> None:
     """psycopg2's wait callback: each wait on the server ends within the deadline, or the connection is lost.
 
-    connect_timeout bounds only the TCP connect and tcp_user_timeout only unacknowledged bytes: neither
+    With a wait callback libpq connects asynchronously and no longer applies connect_timeout itself, so
+    a connection that is still being set up gets DB_CONNECT_TIMEOUT here, and every later wait
+    DB_QUERY_TIMEOUT. tcp_user_timeout bounds only unacknowledged bytes: neither it nor connect_timeout
     sees a pooler (PgBouncer, Neon's pooled endpoint) that accepts the connection and then queues the
     statement while it cannot reach the server, nor a server that stalls. Past the deadline the error
     reads as a lost connection ("could not receive data from server"), so SQLAlchemy discards the
     connection and the request answers 503 like any other outage.
     """
-    limit = _WAIT_DEADLINE[0]
+    connecting = connection.status not in _CONNECTED
+    limit = getattr(connection, "connect_deadline" if connecting else "wait_deadline", 8.0)
     deadline = time.monotonic() + limit
     while True:
         state = connection.poll()
@@ -221,7 +230,7 @@ def _wait_with_deadline(connection: Any) -> None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise psycopg2.OperationalError(
-                f"could not receive data from server: no answer within {limit:g} s")
+                f"could not {'connect to' if connecting else 'receive data from'} server: no answer within {limit:g} s")
         poller = io_select.poll()
         poller.register(connection.fileno(),
                         io_select.POLLIN if state == pg_extensions.POLL_READ else io_select.POLLOUT)

@@ -833,7 +833,8 @@ def test_database_that_does_not_answer_times_out_as_503() -> None:
         started = time.monotonic()
         response = application.test_client().get(f"/api/{ALICE}/tasks", headers=auth_headers())
         assert response.status_code == 503
-        assert time.monotonic() - started < 15
+        # DB_CONNECT_TIMEOUT bounds the connection's setup (libpq leaves it to the wait callback).
+        assert 1.5 < time.monotonic() - started < 5
     finally:
         silent.close()
 
