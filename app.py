@@ -47,6 +47,8 @@ DEFAULTS: dict[str, Any] = {
     # JWKS_MAX_AGE_SECONDS, so a key removed from the JWKS stops verifying tokens.
     "JWKS_REFETCH_SECONDS": 30,
     "JWKS_MAX_AGE_SECONDS": 300,
+    # While the JWKS cannot be fetched, keys already held stay trusted this much longer, and no longer.
+    "JWKS_STALE_IF_ERROR_SECONDS": 3600,
     "DATABASE_URL": "sqlite:///tasks.db",
     "CORS_ORIGINS": "http://localhost:3000",
     "USERS_TABLE": None,
@@ -66,7 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_CONTENT_LENGTH": BODY_LIMIT + 1,
 }
 INT_SETTINGS = ("DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT", "DB_CONNECT_TIMEOUT", "DB_IDLE_CHECK_SECONDS",
-                "DB_QUERY_TIMEOUT")
+                "DB_QUERY_TIMEOUT", "MAX_TASKS_PER_USER", "JWKS_STALE_IF_ERROR_SECONDS")
 ENV_SETTINGS = ("BETTER_AUTH_SECRET", "BETTER_AUTH_URL", "JWKS_URL", "DATABASE_URL", "CORS_ORIGINS",
                 "USERS_TABLE", "JWT_AUDIENCE", "JWT_ISSUER", "LOG_LEVEL", *INT_SETTINGS)
 API_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -200,7 +202,8 @@ def _jwks_client(config: Mapping[str, Any]) -> auth.JWKSClient:
                     "JWT_ISSUER and JWT_AUDIENCE.")
     return auth.JWKSClient(config["JWKS_URL"], issuer=issuer, audience=audience,
                            refetch_seconds=float(config["JWKS_REFETCH_SECONDS"]),
-                           max_age_seconds=float(config["JWKS_MAX_AGE_SECONDS"]))
+                           max_age_seconds=float(config["JWKS_MAX_AGE_SECONDS"]),
+                           stale_if_error_seconds=float(config["JWKS_STALE_IF_ERROR_SECONDS"]))
 
 
 def _configure_logging(level: str) -> None:

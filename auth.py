@@ -28,6 +28,11 @@ JWKS_ALGORITHMS = frozenset({"EdDSA", "ES256", "ES512", "RS256", "PS256"})
 LEEWAY_SECONDS = 30
 MIN_SECRET_BYTES = 32
 DEV_SECRET = "dev-only-insecure-secret-do-not-use-in-production"
+# The longest user id (a token's sub) the service accepts: Better Auth's ids are 32 characters and
+# UUIDs 36, and every index that leads with user_id must be able to hold it (PostgreSQL's btree entries
+# stop at about 2.7 kB; 255 characters are at most 1,020 bytes).
+MAX_USER_ID_LENGTH = 255
+INVALID_TOKEN = "The token is invalid; sign in again."
 # RFC 6750 b64token; a token is three of these joined by dots, so anything else is refused early.
 _BEARER = re.compile(r"Bearer +([A-Za-z0-9\-._~+/]+=*)", re.IGNORECASE)
 
@@ -101,10 +106,10 @@ def _verify_signed_token(token: str) -> tuple[Mapping[str, Any], Callable[[], bo
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError:
-        raise _unauthorized("The token is invalid; sign in again.", token_sent=True) from None
+        raise _unauthorized(INVALID_TOKEN, token_sent=True) from None
     algorithm = header.get("alg")
     if not isinstance(algorithm, str):
-        raise _unauthorized("The token is invalid; sign in again.", token_sent=True)
+        raise _unauthorized(INVALID_TOKEN, token_sent=True)
     jwks: JWKSClient | None = current_app.extensions.get("jwks")
     if algorithm == "HS256" and config.get("BETTER_AUTH_SECRET"):
         key: Any = config["BETTER_AUTH_SECRET"]
@@ -118,7 +123,7 @@ def _verify_signed_token(token: str) -> tuple[Mapping[str, Any], Callable[[], bo
         issuer, audience = jwks.issuer, jwks.audience
         key_still_trusted = functools.partial(jwks.still_trusts, kid, signing_key)
     else:
-        raise _unauthorized("The token is invalid; sign in again.", token_sent=True)
+        raise _unauthorized(INVALID_TOKEN, token_sent=True)
     return MappingProxyType(_decode(token, key, algorithms, issuer=issuer, audience=audience)), key_still_trusted
 
 
@@ -145,64 +150,84 @@ def _decode(token: str, key: Any, algorithms: list[str], *, issuer: str | None,
         # The reason, for whoever debugs a frontend/backend mismatch (wrong secret, no exp, ...);
         # PyJWT's messages name claims and algorithms, never the token or the key.
         log.info("token rejected: %s: %s", type(error).__name__, error)
-        raise _unauthorized("The token is invalid; sign in again.", token_sent=True) from None
+        raise _unauthorized(INVALID_TOKEN, token_sent=True) from None
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject or not is_storable_text(subject):
         log.info("token rejected: sub is not a non-empty string")
-        raise _unauthorized("The token is invalid; sign in again.", token_sent=True)
+        raise _unauthorized(INVALID_TOKEN, token_sent=True)
+    if len(subject) > MAX_USER_ID_LENGTH:
+        log.info("token rejected: sub is %d characters long, over %d", len(subject), MAX_USER_ID_LENGTH)
+        raise _unauthorized(INVALID_TOKEN, token_sent=True)
     return claims
 
 
 class JWKSClient:
     """Better Auth's public keys, fetched from its JWKS URL and cached in the process.
 
-    An unknown kid (a rotated key) triggers a refetch, at most once per refetch_seconds, so a
-    flood of tokens with made-up kids cannot turn into a flood of requests to the auth server.
+    Keys are trusted for max_age_seconds after the fetch that brought them, so a key removed from the
+    JWKS stops verifying tokens. An unknown kid (a rotated key) triggers a refetch, at most once per
+    refetch_seconds, and so does a failed fetch: an outage of the auth server is not hammered. While the
+    JWKS cannot be fetched, the keys held stay trusted for stale_if_error_seconds past their max age
+    (signed-in users keep working through a short outage) and not a second longer: then 503s.
     """
 
     def __init__(self, url: str, *, issuer: str | None, audience: str | None, refetch_seconds: float = 30,
-                 timeout_seconds: float = 5, max_age_seconds: float = 300) -> None:
+                 timeout_seconds: float = 5, max_age_seconds: float = 300,
+                 stale_if_error_seconds: float = 3600) -> None:
         self.url = url
         self.issuer = issuer
         self.audience = audience
         self._refetch_seconds = refetch_seconds
         self._timeout = timeout_seconds
         self._max_age = max_age_seconds
+        self._stale_if_error = stale_if_error_seconds
         self._lock = threading.Lock()
         self._keys: dict[str | None, jwt.PyJWK] = {}
-        self._fetched_at: float | None = None
+        self._attempted_at: float | None = None  # the last fetch, successful or not
+        self._fetched_at: float | None = None  # the last successful fetch: the keys' age
         self._last_fetch_failed = False
 
     def key_for(self, kid: Any, algorithm: str) -> jwt.PyJWK:
         """The key for a token's kid and alg; 401 if unknown, 503 if the JWKS is unreachable."""
         if not isinstance(kid, (str, type(None))):
-            raise _unauthorized("The token is invalid; sign in again.", token_sent=True)
+            raise _unauthorized(INVALID_TOKEN, token_sent=True)
         key = self._keys.get(kid)
-        if key is None or self._expired():
+        if key is None or not self._fresh():
             with self._lock:
                 key = self._keys.get(kid)
-                if (key is None or self._expired()) and self._may_refetch():
+                if (key is None or not self._fresh()) and self._may_refetch():
                     self._refresh()
                     key = self._keys.get(kid)
-        if key is None and self._last_fetch_failed:
+        # Keys too old to trust (the JWKS down past the stale bound) and a kid unknown while the JWKS is
+        # down are the auth server's trouble, not the token's: 503, so that the frontend does not sign out.
+        if (key is None and self._last_fetch_failed) or (key is not None and not self._trusted()):
             raise _jwks_unavailable()
         if key is None or key.algorithm_name != algorithm:
-            raise _unauthorized("The token is invalid; sign in again.", token_sent=True)
+            raise _unauthorized(INVALID_TOKEN, token_sent=True)
         return key
 
     def still_trusts(self, kid: str | None, key: jwt.PyJWK) -> bool:
-        """Whether key is still the one held for kid and within its max age (a remembered token asks)."""
-        return self._keys.get(kid) is key and not self._expired()
+        """Whether key is still the one held for kid and still trusted (a remembered token asks)."""
+        return self._keys.get(kid) is key and self._trusted()
 
-    def _expired(self) -> bool:
-        """Keys are trusted for max_age_seconds, so a key removed from the JWKS stops verifying."""
-        return self._fetched_at is not None and time.monotonic() - self._fetched_at >= self._max_age
+    def _age(self) -> float:
+        return float("inf") if self._fetched_at is None else time.monotonic() - self._fetched_at
+
+    def _fresh(self) -> bool:
+        """Keys younger than their max age: no refetch needed."""
+        return self._age() < self._max_age
+
+    def _trusted(self) -> bool:
+        """Keys that may verify a token: fresh, or stale while the JWKS cannot be fetched, up to the bound."""
+        age = self._age()
+        return age < self._max_age or (self._last_fetch_failed and age < self._max_age + self._stale_if_error)
 
     def _may_refetch(self) -> bool:
-        return self._fetched_at is None or time.monotonic() - self._fetched_at >= self._refetch_seconds
+        return self._attempted_at is None or time.monotonic() - self._attempted_at >= self._refetch_seconds
 
     def _refresh(self) -> None:
-        """Fetch the key set; on failure keep the keys we had and answer 503 if we had none."""
+        """Fetch the key set; on failure keep the keys we had (the caller decides whether they are still trusted)."""
+        self._attempted_at = time.monotonic()
         try:
             with urllib.request.urlopen(self.url, timeout=self._timeout) as response:
                 document = json.load(response)
@@ -217,13 +242,11 @@ class JWKSClient:
                 if key.algorithm_name in JWKS_ALGORITHMS:
                     keys[entry.get("kid")] = key
         except (OSError, ValueError, AttributeError, http.client.HTTPException) as error:
-            # Counts as a fetch, so an outage does not turn every request into a new attempt.
-            self._fetched_at = time.monotonic()
             self._last_fetch_failed = True
             log.warning("could not fetch the JWKS from %s: %s", self.url, type(error).__name__)
-            raise _jwks_unavailable() from None
+            return
         self._keys = keys
-        self._fetched_at = time.monotonic()
+        self._fetched_at = self._attempted_at
         self._last_fetch_failed = False
         log.info("fetched %d signing key(s) from the JWKS", len(keys))
 

@@ -1436,6 +1436,24 @@ def test_jwks_unreachable_host_is_503(jwks_app_with: Callable[..., Any], signing
     assert _get_tasks(application, signing_keys["RS256"].token()).status_code == 503
 
 
+def test_jwks_keys_stay_trusted_through_an_outage_up_to_the_bound_and_no_longer(
+        jwks_app_with: Callable[..., Any], jwks_server: JWKSServer, signing_keys: dict[str, SigningKey]) -> None:
+    application = jwks_app_with(JWKS_REFETCH_SECONDS=0, JWKS_MAX_AGE_SECONDS=0.3, JWKS_STALE_IF_ERROR_SECONDS=1)
+    remembered = signing_keys["EdDSA"].token()
+    assert _get_tasks(application, remembered).status_code == 200
+    jwks_server.failing = True
+    time.sleep(0.4)  # past the keys' max age: every use tries a refetch, which fails
+    assert _get_tasks(application, remembered).status_code == 200  # stale-if-error: still trusted
+    assert _get_tasks(application, signing_keys["ES256"].token()).status_code == 200  # a fresh check too
+    assert _get_tasks(application, signing_keys["EdDSA"].token(kid="unknown")).status_code == 503
+    time.sleep(1.0)  # max age + the stale bound since the last successful fetch
+    for token in (remembered, signing_keys["ES256"].token()):
+        response = _get_tasks(application, token)
+        assert response.status_code == 503 and response.headers["Retry-After"]
+    jwks_server.failing = False
+    assert _get_tasks(application, remembered).status_code == 200
+
+
 def test_jwks_comes_back_after_an_outage(jwks_app_with: Callable[..., Any], jwks_server: JWKSServer,
                                          signing_keys: dict[str, SigningKey]) -> None:
     jwks_server.failing = True
