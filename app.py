@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import os
@@ -14,7 +15,7 @@ import warnings
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 from urllib.parse import quote
 
 import click
@@ -62,6 +63,8 @@ DEFAULTS: dict[str, Any] = {
     "DB_QUERY_TIMEOUT": 8,
     "DB_IDLE_CHECK_SECONDS": 30,
     "LOG_LEVEL": "INFO",
+    # A create past this many tasks of one user is refused: the bound on a user's list, in time and memory.
+    "MAX_TASKS_PER_USER": 10_000,
     # Only `python app.py` sets this: it lets a missing secret fall back to auth.DEV_SECRET.
     "ALLOW_DEV_SECRET": False,
     # One byte over the limit, so that a chunked body that werkzeug cuts short is still seen as too large.
@@ -72,7 +75,18 @@ INT_SETTINGS = ("DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT", "DB_CONNEC
 ENV_SETTINGS = ("BETTER_AUTH_SECRET", "BETTER_AUTH_URL", "JWKS_URL", "DATABASE_URL", "CORS_ORIGINS",
                 "USERS_TABLE", "JWT_AUDIENCE", "JWT_ISSUER", "LOG_LEVEL", *INT_SETTINGS)
 API_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+# A list longer than this is encoded and sent in pieces of about LIST_PIECE_CHARS (a whole list at the
+# per-user limit, every field at its longest, is 50 MB).
+STREAMED_LIST_FROM = 100
+LIST_PIECE_CHARS = 256 * 1024
+# scheme://host[:port] and nothing else: what a browser sends as Origin (a DNS name, IPv4 or [IPv6]).
+ORIGIN_PATTERN = re.compile(r"https?://(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*"
+                            r"[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 KNOWN_USERS_MAX = 100_000
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None)  # the C library the process runs on; its malloc_trim, if glibc
+except OSError:
+    _LIBC = None
 
 
 class JSONResponse(Response):
@@ -398,9 +412,14 @@ def _count_statement(filtered: bool) -> Select[Any]:
 
 @functools.cache
 def _list_statement(filtered: bool, sort: str, descending: bool, paged: bool, offset: bool) -> Select[Any]:
-    """SELECT of one user's tasks in one order; paged, it carries the total as a window count."""
+    """SELECT of one user's tasks in one order; paged, each row carries the total.
+
+    The total is a scalar subquery, counted once over the index: a window count(*) OVER () would read
+    every one of the user's rows to return twenty of them.
+    """
     condition = _listed(filtered)
-    columns = (*TASK_COLUMNS, func.count().over().label("total")) if paged else TASK_COLUMNS
+    total = _count_statement(filtered).scalar_subquery().label("total")
+    columns = (*TASK_COLUMNS, total) if paged else TASK_COLUMNS
     column = _SORT_COLUMNS[sort]
     order = (column.desc(), TASKS.c.id.desc()) if descending else (column.asc(), TASKS.c.id.asc())
     statement = select(*columns).where(condition).order_by(*order)
@@ -411,10 +430,20 @@ def _list_statement(filtered: bool, sort: str, descending: bool, paged: bool, of
 
 @functools.cache
 def _insert_statement(dialect: str) -> Insert:
+    """INSERT ... RETURNING of a new task, unless the user already has max_tasks: then no row comes back.
+
+    The count is a subquery of the same statement (one round trip); creates running at the same time
+    may each see room for one more, so a user can overshoot by at most that many.
+    """
     now = _now(dialect, for_update=False)
-    return insert(TASKS).values(user_id=bindparam("owner"), title=bindparam("v_title"),
-                                description=bindparam("v_description"), completed=bindparam("v_completed"),
-                                created_at=now, updated_at=now).returning(*TASK_COLUMNS)
+    tasks_of_owner = select(func.count()).select_from(TASKS).where(TASKS.c.user_id == bindparam("owner"))
+    new_row = select(bindparam("owner", type_=TASKS.c.user_id.type), bindparam("v_title", type_=TASKS.c.title.type),
+                     bindparam("v_description", type_=TASKS.c.description.type),
+                     bindparam("v_completed", type_=TASKS.c.completed.type), now, now)
+    return (insert(TASKS)
+            .from_select(["user_id", "title", "description", "completed", "created_at", "updated_at"],
+                         new_row.where(tasks_of_owner.scalar_subquery() < bindparam("max_tasks")))
+            .returning(*TASK_COLUMNS))
 
 
 @functools.cache
@@ -439,7 +468,7 @@ def list_tasks(user_id: str) -> Response:
     rows = _rows(statement, params)
     if not paged:
         Session.commit()
-        return jsonify([task_json(row) for row in rows])
+        return _task_array(rows)
     if rows:
         total = rows[0].total
     elif query.offset:  # past the end, where no row carries the total: count apart
@@ -450,6 +479,45 @@ def list_tasks(user_id: str) -> Response:
     response = jsonify([task_json(row) for row in rows])
     response.headers["X-Total-Count"] = str(total)
     return response
+
+
+def _task_array(rows: Sequence[Row[Any]]) -> Response:
+    """The tasks as one JSON array; a long one is encoded and sent in pieces, never held as one string."""
+    if len(rows) <= STREAMED_LIST_FROM:
+        return jsonify([task_json(row) for row in rows])
+    pending = list(rows)
+    pending.reverse()  # popped from the end, so that each row is freed as soon as it is encoded
+    # The same bytes jsonify would send (compact, and a newline at the end), only in pieces.
+    dumps = functools.partial(current_app.json.dumps, separators=(",", ":"))
+    return current_app.response_class(_json_array_pieces(pending, dumps))
+
+
+def _json_array_pieces(pending: list[Row[Any]], dumps: Callable[[Any], str]) -> Iterator[bytes]:
+    """Yield the JSON array of the tasks in pieces of about LIST_PIECE_CHARS; then return freed memory."""
+    try:
+        pieces, size = ["["], 0
+        while pending:
+            task = dumps(task_json(pending.pop()))
+            pieces += (task, ",")
+            size += len(task)
+            if size >= LIST_PIECE_CHARS and pending:
+                yield "".join(pieces).encode()
+                pieces, size = [], 0
+        pieces[-1:] = ["]\n"] if pieces[-1] == "," else [pieces[-1], "]\n"]
+        yield "".join(pieces).encode()
+    finally:
+        _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages a long list freed back to the system, so the worker returns to its usual size.
+
+    glibc keeps freed memory in its heaps for reuse; after a list of thousands of long tasks that is
+    hundreds of MB per worker. malloc_trim releases it (a few ms); elsewhere there is nothing to do.
+    """
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 @api.post("/tasks")
@@ -468,13 +536,17 @@ def _insert_task(user_id: str, fields: dict[str, Any], users: UsersTable) -> Row
     """Insert the task; register the user first when this service owns the users table."""
     state = _state()
     dialect = _dialect()
+    max_tasks = current_app.config["MAX_TASKS_PER_USER"]
     params = {"owner": user_id, "v_title": fields["title"], "v_description": fields.get("description"),
-              "v_completed": fields.get("completed", False), **_now_params(dialect)}
+              "v_completed": fields.get("completed", False), "max_tasks": max_tasks, **_now_params(dialect)}
     for attempt in (1, 2):
         if users.owned and user_id not in state.known_users:
             _register_user(users, user_id)
         try:
-            return _rows(_insert_statement(dialect), params)[0]
+            rows = _rows(_insert_statement(dialect), params)
+            if not rows:
+                raise ApiError(409, f"You have reached the limit of {max_tasks:,} tasks; delete some to add more.")
+            return rows[0]
         except sa_exc.IntegrityError as error:
             Session.rollback()
             if not _is_foreign_key_violation(error):

@@ -36,8 +36,9 @@ from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 import app as app_module
 import auth
-from app import create_app
+from app import STREAMED_LIST_FROM, create_app
 from auth import DEV_SECRET, issue_token
+from errors import MISCONFIGURED, ConfigError
 from models import iso_utc, normalise_database_url
 from openapi_check import validate_flask_response
 
@@ -754,6 +755,55 @@ def test_pages_never_skip_or_repeat_with_ties(app: Any, as_user: Any, new_task: 
     assert seen == sorted(ids, reverse=(order == "desc"))
 
 
+def test_a_long_list_is_the_same_json_array_sent_in_pieces(as_user: Any, new_task: Any) -> None:
+    created = [new_task(f"tâche {index} 🎉", description="d" * 50) for index in range(STREAMED_LIST_FROM + 5)]
+    response = as_user("get")
+    assert response.status_code == 200 and "Content-Length" not in response.headers  # sent in pieces
+    assert response.headers["Content-Type"] == "application/json"
+    listed = json.loads(response.get_data())
+    assert listed == list(reversed(created))
+    assert response.get_data() == json.dumps(listed, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    pages = [as_user("get", f"/tasks?limit=50&offset={offset}").get_json() for offset in range(0, len(created), 50)]
+    assert [task for page in pages for task in page] == listed
+    short = as_user("get", "/tasks?status=completed")  # short lists are answered in one piece
+    assert short.status_code == 200 and short.headers["Content-Length"] == "3" and short.get_data() == b"[]\n"
+
+
+def test_the_per_user_task_limit_defaults_to_10000(app: Any) -> None:
+    assert app.config["MAX_TASKS_PER_USER"] == 10_000
+
+
+def test_a_create_past_the_per_user_limit_is_a_409_and_creates_nothing(database_url: str) -> None:
+    application = make_app(database_url, MAX_TASKS_PER_USER=3)
+    client = application.test_client()
+
+    def create(user: str = ALICE) -> Any:
+        return client.post(f"/api/{user}/tasks", json={"title": "t"}, headers=auth_headers(user))
+
+    ids = [create().get_json()["id"] for _ in range(3)]
+    refused = create()
+    assert refused.status_code == 409
+    assert refused.get_json() == {"detail": "You have reached the limit of 3 tasks; delete some to add more."}
+    assert run_sql(application, "SELECT count(*) FROM tasks WHERE user_id = :u", u=ALICE)[0][0] == 3
+    assert create(BOB).status_code == 201  # the limit is each user's own
+    assert client.delete(f"/api/{ALICE}/tasks/{ids[0]}", headers=auth_headers()).status_code == 204
+    assert create().status_code == 201
+    application.extensions["tasks_api"].engine.dispose()
+
+
+@postgres_only
+def test_concurrent_creates_overshoot_the_limit_by_at_most_their_number(database_url: str) -> None:
+    application = make_app(database_url, MAX_TASKS_PER_USER=5)
+    url = f"/api/{ALICE}/tasks"
+    statuses = _in_threads(8, lambda _: [application.test_client().post(url, json={"title": "t"},
+                                                                         headers=auth_headers()).status_code
+                                         for _ in range(3)])
+    assert {status for batch in statuses for status in batch} <= {201, 409}
+    stored = run_sql(application, "SELECT count(*) FROM tasks")[0][0]
+    assert 5 <= stored <= 5 + 8 and stored == sum(batch.count(201) for batch in statuses)
+    application.extensions["tasks_api"].engine.dispose()
+
+
 def test_unknown_query_parameters_are_ignored(as_user: Any, three_tasks: Any) -> None:
     assert len(_ids(as_user("get", "/tasks?_=12345&foo=bar"))) == 3
 
@@ -1189,9 +1239,17 @@ def test_each_request_is_one_statement(app: Any, as_user: Any, new_task: Any) ->
     assert cost("patch", f"/tasks/{task_id}/complete") == 1
     assert cost("patch", f"/tasks/{task_id}/complete", json={"completed": True}) == 1
     assert cost("delete", f"/tasks/{task_id}") == 1
+    assert cost("get", "/tasks?status=pending&limit=5&offset=1") == 1
+    for _ in range(STREAMED_LIST_FROM + 1):
+        new_task("many")
+    assert cost("get") == 1  # a list long enough to be sent in pieces
     # No BEGIN/COMMIT are sent around these: the connections are in autocommit.
     with engine.connect() as connection:
-        assert connection.connection.dbapi_connection.autocommit is True
+        dbapi_connection = connection.connection.dbapi_connection
+        if ON_POSTGRES:
+            assert dbapi_connection.autocommit is True
+        else:
+            assert dbapi_connection.isolation_level is None  # pysqlite's autocommit
     assert not any(s.strip().upper().startswith(("BEGIN", "COMMIT", "ROLLBACK", "SELECT 1")) for s in statements)
 
 

@@ -17,6 +17,9 @@ existing task ids). Phases:
   memory  worker RSS of a fresh service after 50,000 and 100,000 requests
   scale   1,000,000 tasks of 10,000 other users (generate_series): list p50 vs a near-empty table,
           EXPLAIN of the service's own statements, a 5,000-task list vs a 20-task list
+  limit   the worst case a user can make: MAX_TASKS_PER_USER tasks, every field at its longest (4-byte
+          characters): the whole list's time and size, one worker's RSS before, at its peak and after;
+          a 20-task page and a create at the limit, and the refused create past it
 
 The results go to stdout (tables for the README) and bench/results/latest.json.
 """
@@ -68,6 +71,8 @@ SCALE_P50_RATIO_MAX = 1.2
 BIG_LIST_RATIO_MAX = 10.0
 RSS_MAX_MB = 60.0
 RSS_GROWTH_TOLERANCE_MB = 1.0  # "no growth": at most this much between the 50,000th and 100,000th request
+LIMIT_RSS_RETURN_MB = 10.0  # after the longest list, a worker is back within this much of its RSS before it
+SERVICE_TASK_LIMIT = 10_000  # the service's MAX_TASKS_PER_USER default: the worst case is a user at it
 STALL_SECONDS = 1.0
 
 
@@ -161,6 +166,9 @@ def memory_of(pid: int) -> dict[str, float]:
         rollup = {line.split(":")[0]: int(line.split()[1]) for line in
                   Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:] if line.split()[1:2]}
         result["pss_mb"] = rollup.get("Pss", 0) / 1024
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                result["peak_rss_mb"] = int(line.split()[1]) / 1024
         result["uss_mb"] = (rollup.get("Private_Clean", 0) + rollup.get("Private_Dirty", 0)) / 1024
     except (OSError, ValueError, IndexError):
         pass
@@ -919,6 +927,67 @@ class Bench:
             "insert_seconds": round(insert_seconds, 1), "lists": lists, "plans": plans,
             "big_list": {"tasks": args.big_tasks, "small_tasks": args.tasks, **big}}
 
+    def phase_limit(self) -> None:
+        """One user at the per-user limit, every field at its longest: the longest list a user can ask for."""
+        user, limit = "bench-limit", SERVICE_TASK_LIMIT
+        self.start_app("service-limit", extra={"WEB_CONCURRENCY": "1"})  # one worker gets every request
+        port, token = self.ports["service-limit"], self.token(user)
+        client = Client(port)
+        status, first = client.call("POST", f"/api/{user}/tasks", token, {"title": "\U0001F600" * 200,
+                                                                          "description": "\U0001F600" * 1000})
+        if status != 201:
+            raise RuntimeError(f"limit: the longest task was refused: {status} {first}")
+        started = time.monotonic()
+        self.db.query("INSERT INTO tasks (user_id, title, description, completed, created_at, updated_at) "
+                      "SELECT user_id, title, description, g %% 2 = 0, created_at + g * interval '1 ms', "
+                      "updated_at + g * interval '1 ms' FROM tasks, generate_series(1, %s) g WHERE id = %s",
+                      (limit - 1, first["id"]))
+        self.db.query("VACUUM ANALYZE tasks")
+        insert_seconds = time.monotonic() - started
+
+        def timed(method: str, path: str, body: Any = None) -> tuple[int, float, int]:
+            headers = {"Authorization": f"Bearer {token}"}
+            if body is not None:
+                headers["Content-Type"] = "application/json"
+            began = time.perf_counter()
+            client.connection.request(method, path, body=json.dumps(body) if body is not None else None,
+                                      headers=headers)
+            response = client.connection.getresponse()
+            size = len(response.read())
+            return response.status, (time.perf_counter() - began) * 1000, size
+
+        refused = [timed("POST", f"/api/{user}/tasks", {"title": "one too many"}) for _ in range(20)]
+        pages = [timed("GET", f"/api/{user}/tasks?limit=20") for _ in range(50)]
+        (worker,) = self.workers("service-limit")
+        before = memory_of(worker)
+        lists = []
+        for _ in range(self.args.limit_lists):
+            status, elapsed, size = timed("GET", f"/api/{user}/tasks")
+            lists.append({"status": status, "ms": round(elapsed, 1), "mb": round(size / 1e6, 1),
+                          **{key: round(value, 1) for key, value in memory_of(worker).items()}})
+            log(f"limit: whole list of {limit} tasks: {status}, {size / 1e6:.1f} MB in {elapsed:.0f} ms; worker RSS "
+                f"{lists[-1].get('rss_mb')} MB (peak so far {lists[-1].get('peak_rss_mb')})")
+        time.sleep(0.5)
+        after = memory_of(worker)
+        creates = []
+        for _ in range(20):  # a create at the limit: the count it costs is the user's whole index range
+            task_id = self.db.query("SELECT max(id) FROM tasks WHERE user_id = %s", (user,))[0][0]
+            timed("DELETE", f"/api/{user}/tasks/{task_id}")
+            creates.append(timed("POST", f"/api/{user}/tasks", {"title": "at the limit"}))
+        client.close()
+        self.stop_app("service-limit")
+        self.results["limit"] = {
+            "tasks": limit, "insert_seconds": round(insert_seconds, 1), "lists": lists,
+            "rss_before_mb": round(before.get("rss_mb", 0), 1), "rss_after_mb": round(after.get("rss_mb", 0), 1),
+            "peak_rss_mb": round(after.get("peak_rss_mb", 0), 1),
+            "page_p50_ms": round(statistics.median(ms for _, ms, _ in pages), 2),
+            "create_at_limit_p50_ms": round(statistics.median(ms for _, ms, _ in creates), 2),
+            "refused_p50_ms": round(statistics.median(ms for _, ms, _ in refused), 2),
+            "statuses": sorted({status for status, _, _ in refused + pages + creates}
+                               | {entry["status"] for entry in lists}),
+            "refused_statuses": sorted({status for status, _, _ in refused}),
+        }
+
     # ---- the whole run
 
     def run(self) -> dict[str, Any]:
@@ -937,7 +1006,7 @@ class Bench:
         self.start_app("floor")
         self.seed()
         phases = {"counts": self.phase_counts, "load": self.phase_load, "proxy": self.phase_proxy,
-                  "memory": self.phase_memory, "scale": self.phase_scale}
+                  "memory": self.phase_memory, "scale": self.phase_scale, "limit": self.phase_limit}
         for name in args.phases:
             phase_start = time.monotonic()
             log(f"phase {name}")
@@ -1293,8 +1362,26 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> tuple[str, list
                memory["max_rss_mb"] <= RSS_MAX_MB and memory["max_growth_mb"] <= RSS_GROWTH_TOLERANCE_MB
                and memory["same_workers"],
                f"max RSS {memory['max_rss_mb']} MB; max growth {memory['max_growth_mb']} MB")
+    limit = results.get("limit")
+    if limit:
+        rows = [[str(i + 1), str(entry["status"]), f"{entry['mb']:.1f}", f"{entry['ms']:.0f}",
+                 fmt(entry.get("rss_mb")), fmt(entry.get("peak_rss_mb"))] for i, entry in enumerate(limit["lists"])]
+        out.append(f"\n### The worst case a user can make\n\nOne user at the limit, {limit['tasks']:,} tasks, every "
+                   f"field at its longest in 4-byte characters (bulk-inserted in {limit['insert_seconds']} s), on a "
+                   f"service with one worker. The whole list, one request after another; the worker's RSS (MB) "
+                   f"after each and its peak so far. Before: {limit['rss_before_mb']} MB; 0.5 s after the last: "
+                   f"{limit['rss_after_mb']} MB. At the limit, p50: a 20-task page {limit['page_p50_ms']} ms, a "
+                   f"create {limit['create_at_limit_p50_ms']} ms, the refused create past it "
+                   f"{limit['refused_p50_ms']} ms ({'/'.join(map(str, limit['refused_statuses']))}).\n")
+        out.append(table(["list", "status", "MB", "ms", "RSS after", "peak RSS"], rows))
+        target(f"10.2 the longest list is bounded: the worker back within {LIMIT_RSS_RETURN_MB:g} MB of its RSS, "
+               "a create past the limit refused",
+               limit["rss_after_mb"] - limit["rss_before_mb"] <= LIMIT_RSS_RETURN_MB
+               and limit["refused_statuses"] == [409] and all(e["status"] == 200 for e in limit["lists"]),
+               f"RSS {limit['rss_before_mb']} -> peak {limit['peak_rss_mb']} -> {limit['rss_after_mb']} MB; "
+               f"list {max(e['ms'] for e in limit['lists']):.0f} ms at most")
     if targets:
-        out.append("\n### Targets (issue 4)\n")
+        out.append("\n### Targets\n")
         out.append(table(["target", "met", "numbers"],
                          [[t["target"], "met" if t["met"] else "MISSED", t["detail"]] for t in targets]))
     return "\n".join(out), targets
@@ -1330,8 +1417,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sweep", action="store_true", help="compare gunicorn settings instead")
     parser.add_argument("--pg", default=os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432"),
                         help="PostgreSQL server URL without a database (a superuser, for log_statement)")
-    parser.add_argument("--phases", default="counts,load,proxy,memory,scale",
-                        help="comma-separated subset of counts,load,proxy,memory,scale")
+    parser.add_argument("--phases", default="counts,load,proxy,memory,scale,limit",
+                        help="comma-separated subset of counts,load,proxy,memory,scale,limit")
     parser.add_argument("--connections", type=int, default=32, help="the table's concurrency")
     parser.add_argument("--duration", type=float, help="seconds per scenario and app at --connections")
     parser.add_argument("--rounds", type=int, help="--duration is split into this many alternating rounds")
@@ -1350,6 +1437,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--scale-duration", type=float, help="seconds per list variant and table")
     parser.add_argument("--scale-rounds", type=int)
     parser.add_argument("--big-tasks", type=int, default=5000)
+    parser.add_argument("--limit-lists", type=int, help="whole lists at the per-user limit, one after another")
     parser.add_argument("--users", type=int, default=64, help="users per scenario (each with --tasks tasks)")
     parser.add_argument("--tasks", type=int, default=20)
     parser.add_argument("--workers", type=int, help="WEB_CONCURRENCY for both apps (default: gunicorn.conf.py)")
@@ -1369,7 +1457,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "duration": (2, 10), "rounds": (1, 2), "check_duration": (1, 5), "count_requests": (200, 1000),
         "proxy_duration": (1, 6), "proxy_rounds": (1, 2), "memory_requests": (10_000, 100_000),
         "scale_rows": (100_000, 1_000_000), "scale_users": (1_000, 10_000), "scale_duration": (1, 4),
-        "scale_rounds": (1, 2)}
+        "scale_rounds": (1, 2), "limit_lists": (3, 5)}
     for name, (short, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, short if args.quick else full)
