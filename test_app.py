@@ -517,6 +517,32 @@ def test_other_users_task_is_404_and_unchanged(app: Any, as_user: Any, new_task:
     assert run_sql(app, "SELECT * FROM tasks") == before
 
 
+@pytest.mark.parametrize("owner,other", [("alice", "Alice"), ("Alice", "alice"), ("alice", "ALICE"), ("alice", "ali"),
+                                         ("ali", "alice"), ("alice", "alice2"), ("alice2", "alice")])
+@pytest.mark.parametrize("method,path,body", ENDPOINTS, ids=ENDPOINT_IDS)
+def test_user_ids_that_differ_only_by_case_or_a_suffix_are_different_users(
+        app: Any, as_user: Any, new_task: Any, owner: str, other: str, method: str, path: str, body: Any) -> None:
+    task = new_task("owner's", user=owner)
+    response = as_user(method, path.format(id=task["id"]), user=other, url_user=owner, json=body)
+    assert response.status_code == 403
+    assert run_sql(app, "SELECT user_id, title, completed FROM tasks") == [(owner, "owner's", False)]
+
+
+@pytest.mark.parametrize("path", ["/tasks", "/tasks?limit=1", "/tasks?limit=1&status=pending", "/tasks/{id}",
+                                  "/tasks/999999"])
+def test_head_with_another_users_token_is_a_403_that_reveals_nothing(client: Any, new_task: Any, path: str) -> None:
+    # Flask answers HEAD with the GET view: the same two locks must hold.
+    task = new_task()
+    url = f"/api/{ALICE}" + path.format(id=task["id"])
+    foreign = client.head(url, headers=auth_headers(BOB))
+    assert foreign.status_code == 403 and foreign.data == b""
+    assert "X-Total-Count" not in foreign.headers and "Content-Length" in foreign.headers
+    own = client.head(url, headers=auth_headers(ALICE))
+    assert own.status_code == (404 if path.endswith("999999") else 200) and own.data == b""
+    if "limit" in path:
+        assert own.headers["X-Total-Count"] == "1"
+
+
 def test_403_comes_before_404_and_422(as_user: Any) -> None:
     assert as_user("get", "/tasks/999999", user=BOB, url_user=ALICE).status_code == 403
     assert as_user("post", json={"title": ""}, user=BOB, url_user=ALICE).status_code == 403
@@ -723,6 +749,22 @@ def test_sort_and_order(as_user: Any, three_tasks: list[dict[str, Any]]) -> None
     # apple was updated last (it was completed after all three were created).
     assert _ids(as_user("get", "/tasks?sort=updated")) == [apple, cherry, banana]
     assert _ids(as_user("get", "/tasks?sort=updated&order=asc")) == [banana, cherry, apple]
+
+
+def test_filters_and_totals_never_count_other_users_tasks(as_user: Any, new_task: Any) -> None:
+    # Bob has tasks of both states, so a filter or a total that lost its owner condition shows.
+    mine = new_task("mine, pending")
+    done = new_task("mine, done", completed=True)
+    for title, completed in (("bob pending", False), ("bob done", True), ("bob done 2", True)):
+        new_task(title, user=BOB, completed=completed)
+    assert _ids(as_user("get", "/tasks?status=pending")) == [mine["id"]]
+    assert _ids(as_user("get", "/tasks?status=completed")) == [done["id"]]
+    for query, total in (("limit=1", "2"), ("limit=1&status=completed", "1"), ("limit=5&offset=1", "2"),
+                         ("limit=5&offset=50", "2"), ("limit=5&offset=50&status=completed", "1"),
+                         ("limit=5&offset=50&status=pending", "1")):
+        page = as_user("get", f"/tasks?{query}")
+        assert page.headers["X-Total-Count"] == total, query
+        assert all(task["user_id"] == ALICE for task in page.get_json())
 
 
 def test_limit_offset_and_total(as_user: Any, three_tasks: list[dict[str, Any]]) -> None:
@@ -1212,9 +1254,8 @@ def test_schema_created_on_first_use_when_database_was_down(database_url: str, m
     application.extensions["tasks_api"].engine.dispose()
 
 
-# --- round trips (issue 4): one statement per request on PostgreSQL -----------------------------
+# --- round trips: one statement per request, on both databases ---------------------------------
 
-@postgres_only
 def test_each_request_is_one_statement(app: Any, as_user: Any, new_task: Any) -> None:
     engine = app.extensions["tasks_api"].engine
     statements: list[str] = []
