@@ -27,9 +27,9 @@ from sqlalchemy.sql.elements import ColumnElement
 
 import auth
 from auth import require_owner
-from errors import ApiError, error_response, register_error_handlers
-from models import (TASK_COLUMNS, TASKS, Session, SchemaState, UsersTable, make_engine, normalise_database_url,
-                    now_expression, task_json)
+from errors import ApiError, ConfigError, classify_database_error, error_response, register_error_handlers
+from models import (TASK_COLUMNS, TASKS, Session, SchemaState, UsersTable, display_url, make_engine,
+                    normalise_database_url, now_expression, task_json)
 from validation import (BODY_LIMIT, completed_field, is_storable_text, list_query, parse_task_id,
                         read_json_object, task_fields)
 
@@ -116,16 +116,33 @@ def load_config(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
         try:
             config[name] = int(config[name])
         except (TypeError, ValueError):
-            raise RuntimeError(f"{name} must be a whole number, not {config[name]!r}.") from None
+            raise ConfigError(f"{name} must be a whole number, not {config[name]!r}.") from None
+    if not isinstance(logging.getLevelName(str(config["LOG_LEVEL"]).upper()), int):
+        raise ConfigError(f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, not {config['LOG_LEVEL']!r}.")
+    config["CORS_ORIGINS"] = ",".join(exact_origins(config["CORS_ORIGINS"]))
     if config["BETTER_AUTH_URL"] and not config["JWKS_URL"]:
         config["JWKS_URL"] = config["BETTER_AUTH_URL"].rstrip("/") + "/api/auth/jwks"
+    if config["BETTER_AUTH_SECRET"] == auth.DEV_SECRET and not config["ALLOW_DEV_SECRET"]:
+        raise ConfigError("BETTER_AUTH_SECRET is the development secret published in this repository, so anyone "
+                          "can forge tokens with it: set a secret of your own (openssl rand -base64 32).")
     if not config["BETTER_AUTH_SECRET"] and not config["JWKS_URL"]:
         if not config["ALLOW_DEV_SECRET"]:
-            raise RuntimeError("BETTER_AUTH_SECRET is not set (nor BETTER_AUTH_URL): set the secret your "
-                               "Better Auth frontend signs tokens with, or its URL for JWKS (see README).")
+            raise ConfigError("BETTER_AUTH_SECRET is not set (nor BETTER_AUTH_URL): set the secret your "
+                              "Better Auth frontend signs tokens with, or its URL for JWKS (see README).")
         config["BETTER_AUTH_SECRET"] = auth.DEV_SECRET
         config["USING_DEV_SECRET"] = True
     return config
+
+
+def exact_origins(raw: str) -> list[str]:
+    """CORS_ORIGINS as a list of exact origins; a wildcard, a path or anything else is a configuration error."""
+    origins = [origin.strip() for origin in raw.split(",") if origin.strip()]
+    for origin in origins:
+        if not ORIGIN_PATTERN.fullmatch(origin):
+            raise ConfigError(f"CORS_ORIGINS entries must be exact origins such as https://app.example.com or "
+                              f"http://localhost:3000 (a scheme, a host, an optional port; no path, no trailing "
+                              f"slash, no wildcard), and {origin!r} is not.")
+    return origins
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -165,14 +182,20 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["tasks_api"] = state
     try:
         state.schema.ensure()
-    except sa_exc.OperationalError as error:
+    except (sa_exc.DBAPIError, sa_exc.TimeoutError) as error:
+        kind, reason = classify_database_error(error)
+        if kind != "transient":  # no retry will fix it: refuse to start, in one sentence
+            raise ConfigError(reason if kind == "configuration" else
+                              f"The database refused to set up the schema: {reason}") from None
         # Neon may still be waking up: serve anyway (503s) and create the schema on first use.
-        reason = str(error.orig).strip().splitlines()[0] if error.orig else type(error).__name__
         log.warning("database unreachable at startup (%s); the schema will be created on first use", reason)
 
-    origins = [origin.strip() for origin in app.config["CORS_ORIGINS"].split(",") if origin.strip()]
-    CORS(app, origins=origins, methods=API_METHODS, allow_headers=["Authorization", "Content-Type"],
+    CORS(app, origins=app.config["CORS_ORIGINS"].split(","), methods=API_METHODS,
+         allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
          expose_headers=["Location", "X-Total-Count", "X-Request-ID", "Retry-After", "WWW-Authenticate"],
+         # For frontends whose fetch sends credentials: 'include'. The API reads no cookie (only the
+         # Bearer token), and the origins are an exact list, so this lets nothing new in.
+         supports_credentials=True,
          # A request without an Origin header did not ask for CORS (a browser's cross-origin fetch
          # always sends one): it gets no CORS headers, and costs flask-cors no work.
          max_age=600, always_send=False)
@@ -300,14 +323,17 @@ def health() -> Response:
 
 
 def health_ready() -> Response:
-    """Readiness: the database answers and the schema exists."""
+    """Readiness: the database answers and the schema exists; a configuration mistake says so (500)."""
     state = _state()
     try:
         state.schema.ensure()
         with state.engine.connect() as connection:
             connection.execute(text("SELECT 1"))
-    except (sa_exc.DBAPIError, sa_exc.TimeoutError):
-        log.warning("readiness check failed: the database did not answer")
+    except (sa_exc.DBAPIError, sa_exc.TimeoutError) as error:
+        kind, reason = classify_database_error(error)
+        if kind != "transient":
+            raise  # the error handlers log it and answer 500: waiting will not make the service ready
+        log.warning("readiness check failed: the database did not answer (%s)", reason)
         return error_response(503, "The database is unavailable right now.", headers={"Retry-After": "5"})
     return jsonify(status="ok")
 
@@ -661,7 +687,7 @@ def __getattr__(name: str) -> Flask:
         raise AttributeError(name)
     try:
         application = create_app()
-    except RuntimeError as error:  # a configuration mistake: one sentence, not a traceback
+    except ConfigError as error:  # a configuration mistake: one sentence, not a traceback
         raise SystemExit(str(error)) from None
     globals()["app"] = application
     return application
@@ -672,6 +698,14 @@ NO_SECRET_FOR_TOKENS = ("Tokens are signed with BETTER_AUTH_SECRET (HS256); with
 
 
 def main(argv: list[str]) -> None:
+    """`python app.py` and its token command; a configuration mistake is one sentence and exit status 1."""
+    try:
+        _serve_or_print_token(argv)
+    except ConfigError as error:
+        sys.exit(str(error))
+
+
+def _serve_or_print_token(argv: list[str]) -> None:
     """`python app.py`: the local server on 127.0.0.1:8000; `python app.py token USER`: a token."""
     if argv[:1] in (["-h"], ["--help"]):
         print("usage: python app.py            serve on http://127.0.0.1:$PORT (8000) for development\n"
@@ -690,7 +724,8 @@ def main(argv: list[str]) -> None:
     application = create_app({"ALLOW_DEV_SECRET": True})
     secret = application.config["BETTER_AUTH_SECRET"]
     port = int(os.environ.get("PORT", "8000"))
-    print(f"\nTasks API on http://127.0.0.1:{port} (database: {application.config['DATABASE_URL']})")
+    database = display_url(normalise_database_url(application.config["DATABASE_URL"]))
+    print(f"\nTasks API on http://127.0.0.1:{port} (database: {database})")
     if not secret:
         print("Tokens are verified with Better Auth's JWKS at", application.config["JWKS_URL"], flush=True)
         application.run(host="127.0.0.1", port=port)

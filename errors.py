@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from flask import Flask, Response, jsonify
@@ -20,6 +21,80 @@ HTTP_DETAILS: dict[int, str] = {
     415: "The request body must be JSON, sent with Content-Type: application/json.",
     431: "The request headers are too large.",
 }
+
+
+class ConfigError(RuntimeError):
+    """A setting that cannot work: the service refuses to start, with one sentence that names it and the fix."""
+
+
+MISCONFIGURED = "The service is misconfigured and cannot use its database; its operators can see why in its log."
+
+# libpq's words for connection failures that only a change of configuration can fix (a failed connection
+# carries no SQLSTATE), each with the sentence the operator reads.
+_CONFIGURATION_FAILURES = tuple((re.compile(pattern), sentence) for pattern, sentence in (
+    ("password authentication failed", "The database refused the password: set the right one in DATABASE_URL "
+                                       "(percent-encoded)."),
+    ('role "[^"]*" does not exist', "The database server has no such user: fix the user name in DATABASE_URL."),
+    ('database "[^"]*" does not exist', "The database named in DATABASE_URL does not exist: create it, or fix "
+                                        "its name in DATABASE_URL."),
+    ("no pg_hba.conf entry", "The database server refuses this host or user (pg_hba.conf): allow it, or fix "
+                             "DATABASE_URL."),
+    ("server does not support SSL", "DATABASE_URL asks for TLS (sslmode) but the database server does not offer "
+                                    "it: change sslmode in DATABASE_URL, or enable TLS on the server."),
+    ("channel binding required", "DATABASE_URL asks for channel_binding=require but the server does not use it: "
+                                 "remove channel_binding from DATABASE_URL."),
+    ("Name or service not known", "The database host in DATABASE_URL does not exist: fix the host name."),
+    ("invalid dsn|invalid connection option", "DATABASE_URL has an option that libpq does not know: remove it."),
+    ("certificate", "The database server's TLS certificate cannot be verified with the settings in DATABASE_URL "
+                    "(sslmode, sslrootcert): fix them."),
+    ("Endpoint ID", "Neon cannot tell which database is meant: use the connection string exactly as Neon shows it "
+                    "in DATABASE_URL."),
+))
+# SQLSTATEs of configuration mistakes: authorization (28), no such database (3D000), no such schema
+# (3F000), a permission the service's user lacks (42501).
+_CONFIGURATION_SQLSTATES = ("28", "3D000", "3F000", "42501")
+# SQLSTATEs that a retry can outlive: the connection (08), the server's resources (53), its state or an
+# operator (57, except a dropped database), a conflict between transactions (40), a lock (55P03), its I/O (58).
+_TRANSIENT_SQLSTATES = ("08", "53", "57", "40", "55P03", "58")
+
+_SQLITE_TRANSIENT = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_NOMEM", "SQLITE_INTERRUPT")
+_SQLITE_CONFIGURATION = ("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH", "SQLITE_NOTADB")
+
+
+def classify_database_error(error: BaseException) -> tuple[str, str]:
+    """Whether a database failure is "transient", "configuration" or "deterministic", and why, in one line.
+
+    A failed connection has no SQLSTATE, only libpq's message: a refused or timed-out connection is an
+    outage; a wrong password, database or TLS setting is a mistake that no retry will fix. A statement's
+    error has a SQLSTATE: an outage, a missing permission, or a rule the statement broke (a bug to fix).
+    """
+    if isinstance(error, sa_exc.TimeoutError):
+        return "transient", "no free connection in the pool"
+    original = getattr(error, "orig", None) or error
+    lines = str(original).strip().splitlines()
+    message = lines[0] if lines else type(original).__name__
+    sqlstate = getattr(original, "pgcode", None)
+    if sqlstate:
+        if sqlstate.startswith(_CONFIGURATION_SQLSTATES) or sqlstate == "57P04":
+            return "configuration", (f"The database or user in DATABASE_URL cannot be used as configured "
+                                     f"(SQLSTATE {sqlstate}: {message}).")
+        if sqlstate.startswith(_TRANSIENT_SQLSTATES):
+            return "transient", f"SQLSTATE {sqlstate}: {message}"
+        return "deterministic", f"SQLSTATE {sqlstate}: {message}"
+    sqlite_error = getattr(original, "sqlite_errorname", None)
+    if sqlite_error:
+        if sqlite_error in _SQLITE_TRANSIENT:
+            return "transient", f"{sqlite_error}: {message}"
+        if sqlite_error in _SQLITE_CONFIGURATION:
+            return "configuration", f"The SQLite file in DATABASE_URL cannot be used ({sqlite_error}: {message})."
+        return "deterministic", f"{sqlite_error}: {message}"
+    for pattern, sentence in _CONFIGURATION_FAILURES:
+        if pattern.search(message):
+            return "configuration", sentence
+    if isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError)) or getattr(
+            error, "connection_invalidated", False):
+        return "transient", f"{type(original).__name__}: {message}"
+    return "deterministic", f"{type(original).__name__}: {message}"
 
 
 class ApiError(Exception):
@@ -75,16 +150,23 @@ def register_error_handlers(app: Flask) -> None:
                    if name.lower() not in ("content-type", "content-length")}
         return error_response(status, HTTP_DETAILS.get(status, error.name + "."), headers=headers)
 
+    @app.errorhandler(ConfigError)
+    def handle_configuration_error(error: ConfigError) -> Response:
+        """A setting that cannot work, found while serving: the operator is told; retrying cannot help."""
+        log.error("configuration error: %s", error)
+        return error_response(500, MISCONFIGURED)
+
     @app.errorhandler(sa_exc.DBAPIError)
     @app.errorhandler(sa_exc.TimeoutError)
     def handle_database_error(error: Exception) -> Response:
-        """A database that cannot be reached, or has no free connection, is a 503 the client may retry."""
-        unavailable = isinstance(error, (sa_exc.OperationalError, sa_exc.TimeoutError)) or getattr(
-            error, "connection_invalidated", False)
-        if not unavailable:
-            return handle_unexpected(error)
-        reason = str(getattr(error, "orig", None) or error).strip().splitlines()
-        log.warning("database unavailable: %s: %s", type(error).__name__, reason[0] if reason else "")
+        """An outage is a 503 the client may retry; a configuration mistake or a bug is a 500 it may not."""
+        kind, reason = classify_database_error(error)
+        if kind == "configuration":
+            return handle_configuration_error(ConfigError(reason))
+        if kind == "deterministic":
+            log.error("database error that a retry would repeat: %s", reason)
+            return error_response(500, "Internal server error")
+        log.warning("database unavailable: %s", reason)
         return error_response(503, "The database is unavailable right now; please try again shortly.",
                               headers={"Retry-After": "5"})
 

@@ -38,6 +38,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_session, sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 
+from errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 # Unbound on purpose: create_app() binds it to the engine it builds, so importing this module
@@ -135,13 +137,29 @@ def now_expression(dialect_name: str, *, for_update: bool) -> ColumnElement[date
 # --- configuration of the engine -------------------------------------------------------------
 
 def normalise_database_url(raw: str) -> str:
-    """Accept postgres:// and postgresql:// URLs (Heroku and Neon give the first) for psycopg2."""
+    """Accept postgres:// and postgresql:// URLs (Heroku and Neon give the first) for psycopg2.
+
+    A URL that cannot be read is a configuration error, in one sentence that never repeats the URL
+    (it holds the password).
+    """
     scheme, sep, rest = raw.partition("://")
     if not sep:
-        raise ValueError("DATABASE_URL must look like postgresql://user:password@host/dbname")
-    if scheme in ("postgres", "postgresql"):
-        return f"postgresql+psycopg2://{rest}"
-    return raw
+        raise ConfigError("DATABASE_URL must look like postgresql://user:password@host/dbname "
+                          "(or sqlite:///file.db); it has no scheme.")
+    url = f"postgresql+psycopg2://{rest}" if scheme in ("postgres", "postgresql") else raw
+    try:
+        parsed = make_url(url)
+    except (ValueError, exc.ArgumentError):
+        raise ConfigError("DATABASE_URL cannot be parsed: check the port (a number) and percent-encode "
+                          "special characters in the user and password (@ as %40, / as %2F, : as %3A).") from None
+    if "@" in (parsed.host or ""):
+        raise ConfigError("DATABASE_URL has a raw @ in its password: write it as %40.")
+    return url
+
+
+def display_url(url: str) -> str:
+    """The database URL as it may be printed or logged: with its password masked."""
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, pool_timeout: float = 10,
@@ -373,9 +391,11 @@ def create_schema(engine: Engine, users_table: str | None = None) -> UsersTable:
 
 
 def _create_schema_locked(connection: Any, configured: str | None) -> UsersTable:
+    _require_utf8(connection)
     metadata = MetaData()
     name, exists = _choose_users_table(connection, configured)
     if exists:
+        _require_text_ids(connection, name)
         owned = _is_owned(connection, name)
         users = Table(name, metadata, Column("id", Text, primary_key=True))
         if owned:
@@ -388,6 +408,28 @@ def _create_schema_locked(connection: Any, configured: str | None) -> UsersTable
     _create_ignoring_race(connection, _tasks_table_for(name, metadata))
     log.debug("users table: %s (%s)", name, "owned by this service" if owned else "owned by the auth provider")
     return UsersTable(users, owned)
+
+
+def _require_utf8(connection: Any) -> None:
+    """Refuse a PostgreSQL database that cannot store every Unicode title (SQL_ASCII, LATIN1, ...)."""
+    if connection.dialect.name != "postgresql":
+        return  # SQLite stores text as UTF-8
+    encoding = connection.execute(text("SHOW server_encoding")).scalar()
+    if encoding != "UTF8":
+        raise ConfigError(f"The database in DATABASE_URL uses the {encoding} encoding, which cannot store every "
+                          f"title: create it with ENCODING 'UTF8' (TEMPLATE template0) and point DATABASE_URL at it.")
+
+
+def _require_text_ids(connection: Any, users_table: str) -> None:
+    """Refuse a users table whose ids are not text: tasks.user_id holds the token's sub, a string."""
+    columns = {column["name"]: column["type"] for column in inspect(connection).get_columns(users_table)}
+    id_type = columns.get("id")
+    if id_type is None:
+        raise ConfigError(f"The users table {users_table!r} has no id column: set USERS_TABLE to the table that "
+                          f"holds the accounts.")
+    if not isinstance(id_type, String):
+        raise ConfigError(f"The users table {users_table!r} has ids of type {id_type}, but this service stores user "
+                          f"ids as text: use text ids (Better Auth's default) or set USERS_TABLE to another table.")
 
 
 def _create_ignoring_race(connection: Any, table: Table) -> None:

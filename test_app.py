@@ -15,6 +15,9 @@ import os
 import re
 import resource
 import socket
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -904,8 +907,9 @@ def test_database_down_is_503_json(tmp_path: Any) -> None:
     client = application.test_client()
     started = time.monotonic()
     response = client.get(f"/api/{ALICE}/tasks", headers=auth_headers())
-    assert response.status_code == 503 and "database" in response.get_json()["detail"].lower()
-    assert response.headers["Retry-After"]
+    assert response.status_code == 503 and response.headers["Retry-After"]
+    # A sentence for people, and nothing of the driver's (host, port, "connection refused").
+    assert response.get_json() == {"detail": "The database is unavailable right now; please try again shortly."}
     assert client.post(f"/api/{ALICE}/tasks", json={"title": "x"}, headers=auth_headers()).status_code == 503
     ready = client.get("/health/ready")
     assert ready.status_code == 503 and ready.get_json()["detail"]
@@ -921,7 +925,8 @@ def test_database_that_does_not_answer_times_out_as_503() -> None:
     silent.listen(1)  # accepts TCP, never speaks: the connect timeout must end the wait
     port = silent.getsockname()[1]
     try:
-        application = make_app(f"postgresql://postgres@127.0.0.1:{port}/none", DB_CONNECT_TIMEOUT=2)
+        application = make_app(f"postgresql://postgres@127.0.0.1:{port}/none", DB_CONNECT_TIMEOUT=2,
+                               DB_QUERY_TIMEOUT=8)
         started = time.monotonic()
         response = application.test_client().get(f"/api/{ALICE}/tasks", headers=auth_headers())
         assert response.status_code == 503
@@ -929,6 +934,158 @@ def test_database_that_does_not_answer_times_out_as_503() -> None:
         assert 1.5 < time.monotonic() - started < 5
     finally:
         silent.close()
+
+
+class FakePostgres:
+    """A server on a loopback port that speaks just enough of PostgreSQL's protocol to refuse a login.
+
+    `fatal` is the (SQLSTATE, message) of the FATAL error it answers every startup with, as a real server
+    does for a wrong password; None closes each connection instead (an outage, as libpq sees it).
+    """
+
+    def __init__(self, fatal: tuple[str, str] | None) -> None:
+        self.fatal = fatal
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def url(self, password: str = "wrong-password") -> str:
+        return f"postgresql://postgres:{password}@127.0.0.1:{self.port}/tasks"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with client:
+                try:
+                    self._refuse(client)
+                except OSError:
+                    pass
+
+    def _refuse(self, client: socket.socket) -> None:
+        while True:
+            length = int.from_bytes(client.recv(4), "big")
+            code = int.from_bytes(client.recv(4), "big")
+            client.recv(max(length - 8, 0))
+            if code != 80877103:  # not an SSLRequest: the startup message itself
+                break
+            client.sendall(b"N")  # no TLS here; libpq goes on in plain text (sslmode=prefer)
+        if self.fatal is None:
+            return
+        sqlstate, message = self.fatal
+        fields = b"".join(kind + value.encode() + b"\0" for kind, value in
+                          ((b"S", "FATAL"), (b"V", "FATAL"), (b"C", sqlstate), (b"M", message))) + b"\0"
+        client.sendall(b"E" + (len(fields) + 4).to_bytes(4, "big") + fields)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def fake_postgres() -> Iterator[Callable[..., FakePostgres]]:
+    servers: list[FakePostgres] = []
+
+    def start(fatal: tuple[str, str] | None) -> FakePostgres:
+        servers.append(FakePostgres(fatal))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+WRONG_PASSWORD = ("28P01", 'password authentication failed for user "postgres"')
+
+
+def test_a_wrong_database_password_refuses_to_start_in_one_sentence(fake_postgres: Callable[..., FakePostgres]) -> None:
+    server = fake_postgres(WRONG_PASSWORD)
+    with pytest.raises(ConfigError) as raised:
+        make_app(server.url(password="hunter2-secret"))
+    assert str(raised.value) == ("The database refused the password: set the right one in DATABASE_URL "
+                                 "(percent-encoded).")
+
+
+@postgres_only
+@pytest.mark.parametrize("change,sentence", [
+    ({"database": "no_such_database_here"}, "^The database named in DATABASE_URL does not exist"),
+    ({"username": "no_such_role_here"}, "^The database server has no such user"),
+    ({"query": {"sslmode": "require"}}, "^DATABASE_URL asks for TLS"),
+])
+def test_database_settings_that_cannot_work_refuse_to_start(postgres_url: str, change: dict[str, Any],
+                                                           sentence: str) -> None:
+    url = make_url(postgres_url).set(**change).render_as_string(hide_password=False)
+    with pytest.raises(ConfigError, match=sentence):
+        make_app(url)
+
+
+def test_a_configuration_error_while_serving_is_a_500_the_log_explains(fake_postgres: Callable[..., FakePostgres],
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    server = fake_postgres(None)  # down at startup: the service starts and answers 503s
+    with caplog.at_level(logging.WARNING):
+        application = make_app(server.url(), DB_CONNECT_TIMEOUT=2)
+    client = application.test_client()
+    down = client.get(f"/api/{ALICE}/tasks", headers=auth_headers())
+    assert down.status_code == 503 and down.headers["Retry-After"]
+    server.fatal = WRONG_PASSWORD  # then it answers, and refuses the password: no retry will fix that
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        for response in (client.get(f"/api/{ALICE}/tasks", headers=auth_headers()),
+                         client.post(f"/api/{ALICE}/tasks", json={"title": "x"}, headers=auth_headers()),
+                         client.get("/health/ready")):
+            assert response.status_code == 500 and "Retry-After" not in response.headers
+            assert response.get_json() == {"detail": MISCONFIGURED}
+    errors = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
+    assert errors and all(message == "configuration error: The database refused the password: set the right one in "
+                          "DATABASE_URL (percent-encoded)." for message in errors)
+    assert not [record for record in caplog.records if "unavailable" in record.getMessage()]
+    assert client.get("/health").status_code == 200  # the process itself is alive
+
+
+@pytest.mark.parametrize("postgresql,sqlite", [
+    # PostgreSQL files SQLSTATE 54000 (program_limit_exceeded) under OperationalError, as it does an outage.
+    ("SELECT '{{{{{{{{1}}}}}}}}'::int[]", "SELECT json('not json')"),
+])
+def test_a_database_error_that_a_retry_would_repeat_is_a_500_not_a_503(app: Any, postgresql: str, sqlite: str,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    from models import Session
+
+    @app.get("/deterministic")
+    def deterministic() -> None:
+        Session.connection().execute(text(postgresql if ON_POSTGRES else sqlite))
+
+    with caplog.at_level(logging.ERROR):
+        response = app.test_client().get("/deterministic")
+    assert response.status_code == 500 and "Retry-After" not in response.headers
+    assert response.get_json() == {"detail": "Internal server error"}
+    assert any("a retry would repeat" in record.getMessage() for record in caplog.records)
+
+
+def test_a_sub_longer_than_an_index_can_hold_is_a_401_not_a_503(app: Any, as_user: Any) -> None:
+    longest = "u" * auth.MAX_USER_ID_LENGTH
+    assert as_user("post", json={"title": "fits"}, user=longest).status_code == 201
+    for sub in ("u" * (auth.MAX_USER_ID_LENGTH + 1), "u" * 2800, "😀" * 700):
+        response = as_user("post", json={"title": "too long a sub"}, user=sub)
+        assert response.status_code == 401 and response.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+    assert run_sql(app, "SELECT user_id FROM tasks") == [(longest,)]
+
+
+@postgres_only
+@pytest.mark.parametrize("encoding", ["SQL_ASCII", "LATIN1"])
+def test_a_database_that_cannot_store_unicode_refuses_to_start(postgres_url: str, encoding: str) -> None:
+    name = f"{make_url(postgres_url).database}_{encoding.lower()}"
+    admin = _admin_connection(postgres_url)
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}" ENCODING \'{encoding}\' LC_COLLATE \'C\' LC_CTYPE \'C\' '
+                       f'TEMPLATE template0')
+    try:
+        with pytest.raises(ConfigError, match=f"^The database in DATABASE_URL uses the {encoding} encoding"):
+            make_app(make_url(postgres_url).set(database=name).render_as_string(hide_password=False))
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        admin.close()
 
 
 # --- CORS --------------------------------------------------------------------------------------
@@ -998,6 +1155,48 @@ def test_cacheable_answers_vary_by_origin(client: Any, path: str) -> None:
     assert "Origin" in plain.headers.get("Vary", "") and "Origin" in cross.headers.get("Vary", "")
 
 
+def test_preflight_allows_credentials_and_the_request_id_header(client: Any) -> None:
+    # fetch(..., {credentials: "include", headers: {"X-Request-ID": ...}}) from the frontend's origin.
+    response = client.options(f"/api/{ALICE}/tasks", headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-request-id"})
+    assert response.status_code == 200
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN  # never "*" with credentials
+    assert response.headers["Access-Control-Allow-Credentials"] == "true"
+    allowed = {name.strip().lower() for name in response.headers["Access-Control-Allow-Headers"].split(",")}
+    assert {"authorization", "content-type", "x-request-id"} <= allowed
+
+
+def test_credentialed_responses_name_the_origin_and_allow_credentials(as_user: Any) -> None:
+    response = as_user("get", headers={"Origin": ORIGIN, "X-Request-ID": "from-the-browser"})
+    assert response.status_code == 200
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert response.headers["Access-Control-Allow-Credentials"] == "true"
+    assert response.headers["X-Request-ID"] == "from-the-browser"
+    # Credentials are allowed, but the API still reads no cookie: only the Bearer token counts.
+    assert as_user("get", headers={"Origin": ORIGIN, "Authorization": "", "Cookie": "session=x"}).status_code == 401
+
+
+@pytest.mark.parametrize("entry", ["*", "https://*.example.com", "https://app.example.com/", "https://app.example.com/app",
+                                   "app.example.com", "ftp://app.example.com", "https://app.example.com:port",
+                                   "https://user@app.example.com", "null", "https://app.example.com?x=1"])
+def test_cors_origins_must_be_exact_origins(database_url: str, entry: str) -> None:
+    with pytest.raises(ConfigError, match="^CORS_ORIGINS entries must be exact origins"):
+        make_app(database_url, CORS_ORIGINS=f"http://localhost:3000, {entry}")
+
+
+@pytest.mark.parametrize("origin", ["https://xexample.com.evil.net", "https://app.example.com.evil.net",
+                                    "https://evilapp.example.com", "http://app.example.com", "https://app.example.co",
+                                    "https://APP.example.com.evil.net", "null"])
+def test_lookalike_origins_get_no_cors_headers(database_url: str, origin: str) -> None:
+    application = make_app(database_url, CORS_ORIGINS="https://app.example.com")
+    response = application.test_client().get("/health", headers={"Origin": origin})
+    assert "Access-Control-Allow-Origin" not in response.headers
+    assert application.test_client().get("/health", headers={"Origin": "https://app.example.com"}).headers[
+        "Access-Control-Allow-Origin"] == "https://app.example.com"
+    application.extensions["tasks_api"].engine.dispose()
+
+
 def test_cors_origins_from_configuration(database_url: str) -> None:
     application = make_app(database_url, CORS_ORIGINS="https://app.example, https://www.app.example")
     client = application.test_client()
@@ -1013,6 +1212,25 @@ def test_cors_origins_from_configuration(database_url: str) -> None:
 def test_missing_secret_refuses_to_start(database_url: str) -> None:
     with pytest.raises(RuntimeError, match="BETTER_AUTH_SECRET is not set"):
         create_app({"DATABASE_URL": database_url})
+
+
+def test_the_published_development_secret_is_refused_outside_python_app_py(database_url: str) -> None:
+    # Anyone can read it in this repository, so anyone could forge tokens with it.
+    with pytest.raises(ConfigError, match="^BETTER_AUTH_SECRET is the development secret published"):
+        make_app(database_url, BETTER_AUTH_SECRET=DEV_SECRET)
+
+
+@pytest.mark.parametrize("setting,value,sentence", [
+    ("LOG_LEVEL", "TRACE", "^LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, not 'TRACE'.$"),
+    ("DATABASE_URL", "localhost/tasks", "^DATABASE_URL must look like postgresql://"),
+    ("DATABASE_URL", "postgresql://user@host:abc/db", "^DATABASE_URL cannot be parsed"),
+    ("DATABASE_URL", "postgresql://user:p@ss@127.0.0.1/db", "^DATABASE_URL has a raw @ in its password"),
+    ("MAX_TASKS_PER_USER", "lots", "^MAX_TASKS_PER_USER must be a whole number"),
+])
+def test_configuration_mistakes_are_one_sentence(database_url: str, setting: str, value: str, sentence: str) -> None:
+    with pytest.raises(ConfigError, match=sentence) as raised:
+        make_app(database_url, **{setting: value})
+    assert "\n" not in str(raised.value) and "ss@" not in str(raised.value)
 
 
 def test_short_secret_warns(database_url: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -1147,6 +1365,19 @@ def test_auth_owned_users_table_is_used_and_never_written(database_url: str, tab
     assert not inspect(engine).has_table("users") or table == "users"
     application.extensions["tasks_api"].engine.dispose()
     engine.dispose()
+
+
+@pytest.mark.parametrize("id_type", ["INTEGER", "uuid"])
+def test_a_users_table_whose_ids_are_not_text_is_refused_in_one_sentence(database_url: str, id_type: str) -> None:
+    if id_type == "uuid" and not ON_POSTGRES:
+        pytest.skip("SQLite has no uuid type")
+    engine = create_engine(normalise_database_url(database_url))
+    with engine.begin() as connection:
+        connection.execute(text(f'CREATE TABLE "user" (id {id_type} PRIMARY KEY, name TEXT)'))
+    engine.dispose()
+    with pytest.raises(ConfigError, match="^The users table 'user' has ids of type") as raised:
+        make_app(database_url)
+    assert "\n" not in str(raised.value)
 
 
 def test_users_table_setting_naming_a_missing_table_is_an_error(database_url: str) -> None:
@@ -1671,6 +1902,78 @@ def test_lazy_app_attribute_reports_configuration_errors_in_one_sentence(monkeyp
     monkeypatch.delitem(app_module.__dict__, "app", raising=False)
     with pytest.raises(SystemExit, match="^BETTER_AUTH_SECRET is not set"):
         app_module.app  # noqa: B018 (the attribute access is the test)
+
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+ENTRY_POINTS = {
+    "app:app (gunicorn, flask --app app)": ["-c", "import app; app.app"],
+    "python app.py": ["app.py"],
+    "python app.py token": ["app.py", "token", "alice"],
+}
+
+
+def run_entry_point(argv: list[str], environment: dict[str, str], cwd: Any, timeout: float = 30) -> Any:
+    """Run the service's entry point in a fresh interpreter, with only the given settings."""
+    env = {name: value for name, value in os.environ.items() if name not in app_module.ENV_SETTINGS}
+    env.update({"PYTHONPATH": REPO, "PORT": str(_free_port()), **environment})
+    command = [sys.executable, *(["-c", argv[1]] if argv[0] == "-c" else [os.path.join(REPO, argv[0]), *argv[1:]])]
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+@pytest.mark.parametrize("setting,value,named", [
+    ("DATABASE_URL", "localhost/tasks", "DATABASE_URL"),
+    ("DATABASE_URL", "postgresql://tasks@db.example:abc/tasks", "DATABASE_URL"),
+    ("DATABASE_URL", "postgresql://tasks:p@ss@127.0.0.1/tasks", "DATABASE_URL"),
+    ("LOG_LEVEL", "TRACE", "LOG_LEVEL"),
+    ("CORS_ORIGINS", "https://*.example.com", "CORS_ORIGINS"),
+    ("DB_POOL_SIZE", "five", "DB_POOL_SIZE"),
+    ("USERS_TABLE", "user", "users table 'user'"),
+])
+def test_startup_mistakes_are_one_sentence_and_a_failed_exit(tmp_path: Any, entry: str, setting: str, value: str,
+                                                             named: str) -> None:
+    if setting == "LOG_LEVEL" and entry == "python app.py token":
+        pytest.skip("the token command logs nothing: it sets its own LOG_LEVEL")
+    database = tmp_path / "tasks.db"
+    if setting == "USERS_TABLE":
+        with sqlite3.connect(database) as connection:  # a users table the service cannot reference
+            connection.execute('CREATE TABLE "user" (id INTEGER PRIMARY KEY, name TEXT)')
+    environment = {"BETTER_AUTH_SECRET": SECRET, "DATABASE_URL": f"sqlite:///{database}", setting: value}
+    result = run_entry_point(ENTRY_POINTS[entry], environment, tmp_path)
+    assert result.returncode != 0 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and lines[0].endswith("."), result.stderr
+    assert "ss@" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_database_password_is_never_printed_or_logged(tmp_path: Any) -> None:
+    password = "s3cret-Pa55word"
+    # Nothing listens on port 1: the development server starts anyway (503s), and says where its database is.
+    environment = {"DATABASE_URL": f"postgresql://tasks:{password}@127.0.0.1:1/tasks", "DB_CONNECT_TIMEOUT": "1"}
+    env = {name: value for name, value in os.environ.items() if name not in app_module.ENV_SETTINGS}
+    env.update({"PYTHONPATH": REPO, "PORT": str(_free_port()), "PYTHONUNBUFFERED": "1", **environment})
+    server = subprocess.Popen([sys.executable, os.path.join(REPO, "app.py")], env=env, cwd=tmp_path, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output: list[str] = []
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any("curl" in line for line in output):
+            line = server.stdout.readline() if server.stdout else ""
+            if not line:
+                break
+            output.append(line)
+    finally:
+        server.terminate()
+        output += (server.communicate(timeout=10)[0] or "").splitlines()
+    text_out = "".join(output)
+    assert "database: postgresql+psycopg2://tasks:***@127.0.0.1:1/tasks" in text_out, text_out
+    assert "unreachable at startup" in text_out and password not in text_out
 
 
 # --- pinned findings of the security review ----------------------------------------------------
