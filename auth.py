@@ -44,6 +44,11 @@ def _unauthorized(detail: str, *, token_sent: bool) -> ApiError:
     return ApiError(401, detail, headers={"WWW-Authenticate": challenge})
 
 
+def _invalid_token() -> ApiError:
+    """The 401 for a token that was sent and cannot be accepted; the log line, if any, says why."""
+    return _unauthorized(INVALID_TOKEN, token_sent=True)
+
+
 def bearer_token() -> str:
     """The token from `Authorization: Bearer <token>`, or a 401."""
     header = request.headers.get("Authorization")
@@ -106,10 +111,10 @@ def _verify_signed_token(token: str) -> tuple[Mapping[str, Any], Callable[[], bo
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError:
-        raise _unauthorized(INVALID_TOKEN, token_sent=True) from None
+        raise _invalid_token() from None
     algorithm = header.get("alg")
     if not isinstance(algorithm, str):
-        raise _unauthorized(INVALID_TOKEN, token_sent=True)
+        raise _invalid_token()
     jwks: JWKSClient | None = current_app.extensions.get("jwks")
     if algorithm == "HS256" and config.get("BETTER_AUTH_SECRET"):
         key: Any = config["BETTER_AUTH_SECRET"]
@@ -123,7 +128,7 @@ def _verify_signed_token(token: str) -> tuple[Mapping[str, Any], Callable[[], bo
         issuer, audience = jwks.issuer, jwks.audience
         key_still_trusted = functools.partial(jwks.still_trusts, kid, signing_key)
     else:
-        raise _unauthorized(INVALID_TOKEN, token_sent=True)
+        raise _invalid_token()
     return MappingProxyType(_decode(token, key, algorithms, issuer=issuer, audience=audience)), key_still_trusted
 
 
@@ -150,14 +155,14 @@ def _decode(token: str, key: Any, algorithms: list[str], *, issuer: str | None,
         # The reason, for whoever debugs a frontend/backend mismatch (wrong secret, no exp, ...);
         # PyJWT's messages name claims and algorithms, never the token or the key.
         log.info("token rejected: %s: %s", type(error).__name__, error)
-        raise _unauthorized(INVALID_TOKEN, token_sent=True) from None
+        raise _invalid_token() from None
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject or not is_storable_text(subject):
         log.info("token rejected: sub is not a non-empty string")
-        raise _unauthorized(INVALID_TOKEN, token_sent=True)
+        raise _invalid_token()
     if len(subject) > MAX_USER_ID_LENGTH:
         log.info("token rejected: sub is %d characters long, over %d", len(subject), MAX_USER_ID_LENGTH)
-        raise _unauthorized(INVALID_TOKEN, token_sent=True)
+        raise _invalid_token()
     return claims
 
 
@@ -190,7 +195,7 @@ class JWKSClient:
     def key_for(self, kid: Any, algorithm: str) -> jwt.PyJWK:
         """The key for a token's kid and alg; 401 if unknown, 503 if the JWKS is unreachable."""
         if not isinstance(kid, (str, type(None))):
-            raise _unauthorized(INVALID_TOKEN, token_sent=True)
+            raise _invalid_token()
         key = self._keys.get(kid)
         if key is None or not self._fresh():
             with self._lock:
@@ -203,7 +208,7 @@ class JWKSClient:
         if (key is None and self._last_fetch_failed) or (key is not None and not self._trusted()):
             raise _jwks_unavailable()
         if key is None or key.algorithm_name != algorithm:
-            raise _unauthorized(INVALID_TOKEN, token_sent=True)
+            raise _invalid_token()
         return key
 
     def still_trusts(self, kid: str | None, key: jwt.PyJWK) -> bool:

@@ -42,7 +42,8 @@ import auth
 from app import STREAMED_LIST_FROM, create_app
 from auth import DEV_SECRET, issue_token
 from errors import MISCONFIGURED, ConfigError
-from models import iso_utc, normalise_database_url
+from db import normalise_database_url
+from models import iso_utc
 from openapi_check import validate_flask_response
 
 SECRET = "test-secret-long-enough-for-hs256-and-hs512-0123456789abcdefghijk"
@@ -114,7 +115,7 @@ def openapi_checked_clients(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing from the developer's environment (DATABASE_URL above all) reaches a test's app."""
-    for name in app_module.ENV_SETTINGS:
+    for name in app_module.SETTINGS:
         monkeypatch.delenv(name, raising=False)
 
 
@@ -127,7 +128,7 @@ def make_app(database_url: str, **overrides: Any) -> Any:
 def app(database_url: str) -> Iterator[Any]:
     application = make_app(database_url)
     yield application
-    application.extensions["tasks_api"].engine.dispose()
+    application.extensions["db"].engine.dispose()
 
 
 @pytest.fixture
@@ -137,7 +138,7 @@ def client(app: Any) -> Any:
 
 def run_sql(app: Any, sql: str, **params: Any) -> list[Any]:
     """Read the database directly, behind the API's back."""
-    with app.extensions["tasks_api"].engine.connect() as connection:
+    with app.extensions["db"].engine.connect() as connection:
         result = connection.execute(text(sql), params)
         return result.fetchall() if result.returns_rows else []
 
@@ -491,7 +492,7 @@ def test_audience_and_issuer_checked_when_configured(database_url: str) -> None:
     assert status(aud="other", iss="https://auth.example") == 401
     assert status(aud="tasks-api", iss="https://evil.example") == 401
     assert status(iss="https://auth.example") == 401
-    application.extensions["tasks_api"].engine.dispose()
+    application.extensions["db"].engine.dispose()
 
 
 # --- authorisation: 403 and cross-user 404 -----------------------------------------------------
@@ -833,7 +834,7 @@ def test_a_create_past_the_per_user_limit_is_a_409_and_creates_nothing(database_
     assert create(BOB).status_code == 201  # the limit is each user's own
     assert client.delete(f"/api/{ALICE}/tasks/{ids[0]}", headers=auth_headers()).status_code == 204
     assert create().status_code == 201
-    application.extensions["tasks_api"].engine.dispose()
+    application.extensions["db"].engine.dispose()
 
 
 @postgres_only
@@ -846,7 +847,7 @@ def test_concurrent_creates_overshoot_the_limit_by_at_most_their_number(database
     assert {status for batch in statuses for status in batch} <= {201, 409}
     stored = run_sql(application, "SELECT count(*) FROM tasks")[0][0]
     assert 5 <= stored <= 5 + 8 and stored == sum(batch.count(201) for batch in statuses)
-    application.extensions["tasks_api"].engine.dispose()
+    application.extensions["db"].engine.dispose()
 
 
 def test_unknown_query_parameters_are_ignored(as_user: Any, three_tasks: Any) -> None:
@@ -1049,11 +1050,11 @@ def test_a_configuration_error_while_serving_is_a_500_the_log_explains(fake_post
 ])
 def test_a_database_error_that_a_retry_would_repeat_is_a_500_not_a_503(app: Any, postgresql: str, sqlite: str,
                                                                         caplog: pytest.LogCaptureFixture) -> None:
-    from models import Session
+    import db
 
     @app.get("/deterministic")
     def deterministic() -> None:
-        Session.connection().execute(text(postgresql if ON_POSTGRES else sqlite))
+        db.run(text(postgresql if ON_POSTGRES else sqlite), {})
 
     with caplog.at_level(logging.ERROR):
         response = app.test_client().get("/deterministic")
@@ -1194,7 +1195,7 @@ def test_lookalike_origins_get_no_cors_headers(database_url: str, origin: str) -
     assert "Access-Control-Allow-Origin" not in response.headers
     assert application.test_client().get("/health", headers={"Origin": "https://app.example.com"}).headers[
         "Access-Control-Allow-Origin"] == "https://app.example.com"
-    application.extensions["tasks_api"].engine.dispose()
+    application.extensions["db"].engine.dispose()
 
 
 def test_cors_origins_from_configuration(database_url: str) -> None:
@@ -1204,7 +1205,7 @@ def test_cors_origins_from_configuration(database_url: str) -> None:
         response = client.get("/health", headers={"Origin": origin})
         assert response.headers["Access-Control-Allow-Origin"] == origin
     assert "Access-Control-Allow-Origin" not in client.get("/health", headers={"Origin": ORIGIN}).headers
-    application.extensions["tasks_api"].engine.dispose()
+    application.extensions["db"].engine.dispose()
 
 
 # --- configuration -----------------------------------------------------------------------------
@@ -1238,7 +1239,7 @@ def test_short_secret_warns(database_url: str, caplog: pytest.LogCaptureFixture)
         application = make_app(database_url, BETTER_AUTH_SECRET="short")
     assert any("shorter than 32 bytes" in record.getMessage() for record in caplog.records)
     assert all("short" != record.getMessage() for record in caplog.records)
-    application.extensions["tasks_api"].engine.dispose()
+    application.extensions["db"].engine.dispose()
 
 
 def test_dev_secret_only_when_allowed(database_url: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -1246,7 +1247,7 @@ def test_dev_secret_only_when_allowed(database_url: str, caplog: pytest.LogCaptu
         application = create_app({"DATABASE_URL": database_url, "ALLOW_DEV_SECRET": True})
     assert application.config["BETTER_AUTH_SECRET"] == DEV_SECRET
     assert any("DEVELOPMENT secret" in record.getMessage() for record in caplog.records)
-    application.extensions["tasks_api"].engine.dispose()
+    application.extensions["db"].engine.dispose()
 
 
 def test_environment_is_read_and_mapping_wins(monkeypatch: pytest.MonkeyPatch, database_url: str) -> None:
@@ -1257,7 +1258,7 @@ def test_environment_is_read_and_mapping_wins(monkeypatch: pytest.MonkeyPatch, d
     assert application.config["BETTER_AUTH_SECRET"] == "from-the-environment-0123456789abcdef"
     assert application.config["DB_POOL_SIZE"] == 7
     assert application.config["CORS_ORIGINS"] == "https://mapping.example"
-    application.extensions["tasks_api"].engine.dispose()
+    application.extensions["db"].engine.dispose()
 
 
 def test_bad_integer_setting_is_a_clear_error(database_url: str) -> None:
@@ -1283,7 +1284,7 @@ def test_database_url_default_is_sqlite_file_in_working_directory(monkeypatch: p
     application = create_app({"BETTER_AUTH_SECRET": SECRET})
     assert application.config["DATABASE_URL"] == "sqlite:///tasks.db"
     assert (tmp_path / "tasks.db").exists()
-    application.extensions["tasks_api"].engine.dispose()
+    application.extensions["db"].engine.dispose()
 
 
 def test_token_cli_prints_a_valid_token(app: Any) -> None:
@@ -1323,13 +1324,13 @@ def test_deleting_a_user_cascades_to_tasks(app: Any, new_task: Any, as_user: Any
 
 def test_restart_recognises_its_own_users_table(database_url: str) -> None:
     first = make_app(database_url)
-    assert first.extensions["tasks_api"].schema.users.owned
-    first.extensions["tasks_api"].engine.dispose()
+    assert first.extensions["db"].schema.users.owned
+    first.extensions["db"].engine.dispose()
     second = make_app(database_url)
-    assert second.extensions["tasks_api"].schema.users.owned
+    assert second.extensions["db"].schema.users.owned
     client = second.test_client()
     assert client.post("/api/fay/tasks", json={"title": "x"}, headers=auth_headers("fay")).status_code == 201
-    second.extensions["tasks_api"].engine.dispose()
+    second.extensions["db"].engine.dispose()
 
 
 def _create_auth_owned_table(database_url: str, name: str) -> Any:
@@ -1347,7 +1348,7 @@ def test_auth_owned_users_table_is_used_and_never_written(database_url: str, tab
                                                           configured: str | None) -> None:
     engine = _create_auth_owned_table(database_url, table)
     application = make_app(database_url, USERS_TABLE=configured)
-    users = application.extensions["tasks_api"].schema.users
+    users = application.extensions["db"].schema.users
     assert (users.name, users.owned) == (table, False)
     client = application.test_client()
     created = client.post(f"/api/{ALICE}/tasks", json={"title": "x"}, headers=auth_headers(ALICE))
@@ -1363,7 +1364,7 @@ def test_auth_owned_users_table_is_used_and_never_written(database_url: str, tab
     run_sql(application, f"DELETE FROM {quoted} WHERE id = 'alice'")
     assert run_sql(application, "SELECT count(*) FROM tasks")[0][0] == 0
     assert not inspect(engine).has_table("users") or table == "users"
-    application.extensions["tasks_api"].engine.dispose()
+    application.extensions["db"].engine.dispose()
     engine.dispose()
 
 
@@ -1452,7 +1453,7 @@ def test_concurrent_updates_leave_newest_updated_at(app: Any, new_task: Any) -> 
 
 def test_app_instances_create_tables_at_once_on_empty_database(database_url: str) -> None:
     apps = _in_threads(4, lambda _: make_app(database_url))
-    engine = apps[0].extensions["tasks_api"].engine
+    engine = apps[0].extensions["db"].engine
     assert {"tasks", "users"} <= set(inspect(engine).get_table_names())
     clients = [application.test_client() for application in apps]
     for index, client in enumerate(clients):
@@ -1460,35 +1461,35 @@ def test_app_instances_create_tables_at_once_on_empty_database(database_url: str
                            headers=auth_headers()).status_code == 201
     assert run_sql(apps[0], "SELECT count(*) FROM tasks")[0][0] == 4
     for application in apps:
-        application.extensions["tasks_api"].engine.dispose()
+        application.extensions["db"].engine.dispose()
 
 
 def test_schema_created_on_first_use_when_database_was_down(database_url: str, monkeypatch: pytest.MonkeyPatch,
                                                             caplog: pytest.LogCaptureFixture) -> None:
-    import models
+    import db
 
-    real_create = models.create_schema
+    real_create = db.create_schema
     calls = {"count": 0}
 
     def flaky_create(engine: Any, users_table: Any = None) -> Any:
         calls["count"] += 1
         if calls["count"] == 1:
-            raise models.exc.OperationalError("SELECT 1", {}, Exception("database is waking up"))
+            raise db.exc.OperationalError("SELECT 1", {}, Exception("database is waking up"))
         return real_create(engine, users_table)
 
-    monkeypatch.setattr(models, "create_schema", flaky_create)
+    monkeypatch.setattr(db, "create_schema", flaky_create)
     with caplog.at_level(logging.WARNING):
         application = make_app(database_url)
     assert any("unreachable at startup" in record.getMessage() for record in caplog.records)
     response = application.test_client().post(f"/api/{ALICE}/tasks", json={"title": "x"}, headers=auth_headers())
     assert response.status_code == 201 and calls["count"] == 2
-    application.extensions["tasks_api"].engine.dispose()
+    application.extensions["db"].engine.dispose()
 
 
 # --- round trips: one statement per request, on both databases ---------------------------------
 
 def test_each_request_is_one_statement(app: Any, as_user: Any, new_task: Any) -> None:
-    engine = app.extensions["tasks_api"].engine
+    engine = app.extensions["db"].engine
     statements: list[str] = []
     new_task("warm up")  # registers alice and opens the pool's connection
 
@@ -1528,7 +1529,7 @@ def test_each_request_is_one_statement(app: Any, as_user: Any, new_task: Any) ->
 @postgres_only
 def test_terminated_idle_connection_is_replaced_without_error(app: Any, as_user: Any, new_task: Any) -> None:
     new_task("before")
-    database = app.extensions["tasks_api"].engine.url.database
+    database = app.extensions["db"].engine.url.database
     admin = _admin_connection(TEST_DB_URL)
     with admin.cursor() as cursor:
         cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -1638,7 +1639,7 @@ def jwks_app_with(database_url: str, jwks_server: JWKSServer) -> Iterator[Callab
 
     yield build
     for application in built:
-        application.extensions["tasks_api"].engine.dispose()
+        application.extensions["db"].engine.dispose()
 
 
 @pytest.fixture
@@ -1800,7 +1801,7 @@ def test_better_auth_url_sets_jwks_url_and_claims(database_url: str) -> None:
     assert (client.issuer, client.audience) == ("https://app.example", "https://app.example")
     # JWKS only: an HS256 token, even with a well-known secret, is refused.
     assert _get_tasks(application, make_token(secret=DEV_SECRET)).status_code == 401
-    application.extensions["tasks_api"].engine.dispose()
+    application.extensions["db"].engine.dispose()
 
 
 # --- request logs and security headers ---------------------------------------------------------
@@ -1914,7 +1915,7 @@ ENTRY_POINTS = {
 
 def run_entry_point(argv: list[str], environment: dict[str, str], cwd: Any, timeout: float = 30) -> Any:
     """Run the service's entry point in a fresh interpreter, with only the given settings."""
-    env = {name: value for name, value in os.environ.items() if name not in app_module.ENV_SETTINGS}
+    env = {name: value for name, value in os.environ.items() if name not in app_module.SETTINGS}
     env.update({"PYTHONPATH": REPO, "PORT": str(_free_port()), **environment})
     command = [sys.executable, *(["-c", argv[1]] if argv[0] == "-c" else [os.path.join(REPO, argv[0]), *argv[1:]])]
     return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
@@ -1956,7 +1957,7 @@ def test_the_database_password_is_never_printed_or_logged(tmp_path: Any) -> None
     password = "s3cret-Pa55word"
     # Nothing listens on port 1: the development server starts anyway (503s), and says where its database is.
     environment = {"DATABASE_URL": f"postgresql://tasks:{password}@127.0.0.1:1/tasks", "DB_CONNECT_TIMEOUT": "1"}
-    env = {name: value for name, value in os.environ.items() if name not in app_module.ENV_SETTINGS}
+    env = {name: value for name, value in os.environ.items() if name not in app_module.SETTINGS}
     env.update({"PYTHONPATH": REPO, "PORT": str(_free_port()), "PYTHONUNBUFFERED": "1", **environment})
     server = subprocess.Popen([sys.executable, os.path.join(REPO, "app.py")], env=env, cwd=tmp_path, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -2044,7 +2045,7 @@ def test_each_app_uses_its_own_database(tmp_path: Any, database_url: str) -> Non
     assert run_sql(first, "SELECT title FROM tasks") == [("into first",)]
     assert run_sql(second, "SELECT count(*) FROM tasks")[0][0] == 0
     for application in (first, second):
-        application.extensions["tasks_api"].engine.dispose()
+        application.extensions["db"].engine.dispose()
 
 
 def test_log_lines_cannot_be_forged_through_the_path(app: Any, caplog: pytest.LogCaptureFixture) -> None:
@@ -2091,7 +2092,7 @@ def test_checkout_check_works_past_file_descriptor_1024(app: Any, as_user: Any) 
     try:
         while not filler or filler[-1] < 1100:
             filler.append(os.open(os.devnull, os.O_RDONLY))
-        app.extensions["tasks_api"].engine.dispose()  # the next connection gets a descriptor past 1024
+        app.extensions["db"].engine.dispose()  # the next connection gets a descriptor past 1024
         assert as_user("get").status_code == 200
         assert as_user("get").status_code == 200  # a checkout of the pooled, high-numbered connection
     finally:
@@ -2157,7 +2158,7 @@ def test_a_database_that_stops_answering_is_a_503_within_the_query_timeout(postg
         proxy.frozen.clear()
         # The stalled connection was thrown away; a fresh one serves the next request.
         assert client.get(f"/api/{ALICE}/tasks", headers=auth_headers()).status_code == 200
-        application.extensions["tasks_api"].engine.dispose()
+        application.extensions["db"].engine.dispose()
     finally:
         proxy.close()
 
@@ -2169,7 +2170,7 @@ def test_no_gssapi_probe_unless_asked(database_url: str, monkeypatch: pytest.Mon
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     application = make_app(database_url)
-    engine = application.extensions["tasks_api"].engine
+    engine = application.extensions["db"].engine
     with engine.connect() as connection:
         assert connection.connection.dbapi_connection.get_dsn_parameters()["gssencmode"] == expected
     engine.dispose()
@@ -2178,7 +2179,7 @@ def test_no_gssapi_probe_unless_asked(database_url: str, monkeypatch: pytest.Mon
 def test_a_forked_worker_never_reuses_the_parents_connections(app: Any, as_user: Any) -> None:
     """gunicorn forks workers: a connection opened before the fork must not be shared after it."""
     assert as_user("get").status_code == 200
-    engine = app.extensions["tasks_api"].engine
+    engine = app.extensions["db"].engine
     assert engine.pool.checkedin() == 1  # the parent's pooled connection
     parent_pool = engine.pool
     child = os.fork()

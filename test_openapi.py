@@ -31,12 +31,12 @@ ALICE = "alice"
 
 @pytest.fixture
 def app(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    for name in app_module.ENV_SETTINGS:
+    for name in app_module.SETTINGS:
         monkeypatch.delenv(name, raising=False)
     application = app_module.create_app({"BETTER_AUTH_SECRET": SECRET, "TESTING": True,
                                          "DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}"})
     yield application
-    application.extensions["tasks_api"].engine.dispose()
+    application.extensions["db"].engine.dispose()
 
 
 @pytest.fixture

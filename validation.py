@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from flask import Request
 
 from errors import ApiError, ValidationError, field_error
-from models import DESCRIPTION_MAX, TITLE_MAX
+from models import DESCRIPTION_MAX, TITLE_MAX, WRITABLE_DEFAULTS
 
-# The only fields a client may ever set; anything else in a body (id, user_id, ...) is ignored.
-WRITABLE_FIELDS = ("title", "description", "completed")
 MAX_TASK_ID = 2**31 - 1  # the tasks.id column is a 32-bit integer
 MAX_LIMIT = 1000
 MAX_OFFSET = 2**31 - 1
@@ -62,40 +60,31 @@ def is_storable_text(value: str) -> bool:
     return _text_problem(value) is None
 
 
-def _check_title(value: Any, errors: list[dict[str, str]]) -> str | None:
-    if not isinstance(value, str):
-        errors.append(field_error("title", "Title must be a string.", "string_type"))
-        return None
-    title = value.strip()
-    problem = _text_problem(title)
-    if problem:
-        errors.append(field_error("title", f"Title {problem}.", "string_invalid"))
-    elif not title:
-        errors.append(field_error("title", "Title must not be empty.", "string_too_short"))
-    elif len(title) > TITLE_MAX:
-        errors.append(field_error("title", f"Title must be at most {TITLE_MAX} characters long.", "string_too_long"))
-    else:
-        return title
-    return None
+def _text_checker(field: str, longest: int, *, required: bool) -> Callable[[Any, list[dict[str, str]]], str | None]:
+    """The check of a text field: a string, trimmed, storable, at most `longest` characters; when not
+    required, null too, and it may be empty."""
+    label = field.capitalize()
 
+    def check(value: Any, errors: list[dict[str, str]]) -> str | None:
+        if value is None and not required:
+            return None
+        if not isinstance(value, str):
+            expected = "a string" if required else "a string or null"
+            errors.append(field_error(field, f"{label} must be {expected}.", "string_type"))
+            return None
+        text = value.strip()
+        problem = _text_problem(text)
+        if problem:
+            errors.append(field_error(field, f"{label} {problem}.", "string_invalid"))
+        elif required and not text:
+            errors.append(field_error(field, f"{label} must not be empty.", "string_too_short"))
+        elif len(text) > longest:
+            errors.append(field_error(field, f"{label} must be at most {longest} characters long.", "string_too_long"))
+        else:
+            return text
+        return None
 
-def _check_description(value: Any, errors: list[dict[str, str]]) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        errors.append(field_error("description", "Description must be a string or null.", "string_type"))
-        return None
-    description = value.strip()
-    problem = _text_problem(description)
-    if problem:
-        errors.append(field_error("description", f"Description {problem}.", "string_invalid"))
-    elif len(description) > DESCRIPTION_MAX:
-        errors.append(field_error("description",
-                                  f"Description must be at most {DESCRIPTION_MAX} characters long.",
-                                  "string_too_long"))
-    else:
-        return description
-    return None
+    return check
 
 
 def _check_completed(value: Any, errors: list[dict[str, str]]) -> bool | None:
@@ -107,22 +96,31 @@ def _check_completed(value: Any, errors: list[dict[str, str]]) -> bool | None:
     return value
 
 
-_CHECKS = {"title": _check_title, "description": _check_description, "completed": _check_completed}
+# One check per writable field (models.WRITABLE_DEFAULTS): the only fields a client may ever set;
+# anything else in a body (id, user_id, ...) is ignored.
+_CHECKS = {
+    "title": _text_checker("title", TITLE_MAX, required=True),
+    "description": _text_checker("description", DESCRIPTION_MAX, required=False),
+    "completed": _check_completed,
+}
+REQUIRED_ON_CREATE = ("title",)
 
 
 def task_fields(payload: Mapping[str, Any], *, partial: bool) -> dict[str, Any]:
-    """Validate the writable fields of a body; partial=True for PUT/PATCH, False for create."""
+    """Validate the writable fields of a body: for PUT/PATCH (partial) those present, at least one; for a
+    create, every one, the defaults standing in for those left out."""
     errors: list[dict[str, str]] = []
-    present = [name for name in WRITABLE_FIELDS if name in payload]
+    present = [name for name in WRITABLE_DEFAULTS if name in payload]
     if partial and not present:
         raise ValidationError([field_error(
-            "body", "Send at least one of the fields title, description, completed.", "missing")])
-    if not partial and "title" not in payload:
-        errors.append(field_error("title", "Title is required.", "missing"))
+            "body", f"Send at least one of the fields {', '.join(WRITABLE_DEFAULTS)}.", "missing")])
+    if not partial:
+        errors += [field_error(name, f"{name.capitalize()} is required.", "missing")
+                   for name in REQUIRED_ON_CREATE if name not in payload]
     fields = {name: _CHECKS[name](payload[name], errors) for name in present}
     if errors:
         raise ValidationError(errors)
-    return fields
+    return fields if partial else {**WRITABLE_DEFAULTS, **fields}
 
 
 def completed_field(payload: Mapping[str, Any] | None) -> bool | None:

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 E2E = Path(__file__).resolve().parent
 SECRET = "e2e-secret-" + "x" * 40  # >= 32 bytes, so the service does not warn
 # Variables that must not leak from the developer's shell into the service under test.
-SERVICE_VARIABLES = (*service_app.ENV_SETTINGS, "PORT", "WEB_CONCURRENCY", "GUNICORN_THREADS", "GUNICORN_REUSE_PORT",
+SERVICE_VARIABLES = (*service_app.SETTINGS, "PORT", "WEB_CONCURRENCY", "GUNICORN_THREADS", "GUNICORN_REUSE_PORT",
                      "GUNICORN_CMD_ARGS")
 
 

@@ -87,7 +87,7 @@ def env_example_names() -> set[str]:
 
 
 def variables_the_service_reads() -> set[str]:
-    names = set(service_app.ENV_SETTINGS)
+    names = set(service_app.SETTINGS)
     for module in service_modules():
         names |= environment_reads(module)
     return names
