@@ -32,7 +32,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
-SPEC_FILE = Path(__file__).with_name("openapi.json")
+SPEC_FILE = Path(__file__).resolve().parent.parent / "openapi.json"
 BASE_URI = "urn:tasks-api:openapi.json"
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 IMPLICIT_METHODS = {"HEAD", "OPTIONS"}  # Flask adds them to every rule; route coverage ignores them

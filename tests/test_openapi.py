@@ -10,12 +10,14 @@ import json
 import time
 from typing import Any, Iterator
 
-import jwt
 import pytest
 from openapi_spec_validator import validate as validate_openapi
 
-import app as app_module
-from openapi_check import (
+import auth
+import models
+import validation
+from tests.common import ALICE, auth_headers
+from tests.openapi_check import (
     HTTP_METHODS,
     load_spec,
     match_path,
@@ -24,30 +26,6 @@ from openapi_check import (
     validate_flask_response,
     validate_response,
 )
-
-SECRET = "openapi-test-secret-long-enough-for-hs256-0123456789"
-ALICE = "alice"
-
-
-@pytest.fixture
-def app(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    for name in app_module.SETTINGS:
-        monkeypatch.delenv(name, raising=False)
-    application = app_module.create_app({"BETTER_AUTH_SECRET": SECRET, "TESTING": True,
-                                         "DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}"})
-    yield application
-    application.extensions["db"].engine.dispose()
-
-
-@pytest.fixture
-def client(app: Any) -> Any:
-    return app.test_client()
-
-
-def bearer(sub: str = ALICE) -> dict[str, str]:
-    now = int(time.time())
-    return {"Authorization": "Bearer " + jwt.encode({"sub": sub, "iat": now, "exp": now + 600}, SECRET,
-                                                    algorithm="HS256")}
 
 
 def checked(response: Any) -> Any:
@@ -175,21 +153,21 @@ def test_route_coverage_reports_both_directions(app: Any) -> None:
 
 def test_create_get_update_complete_delete_validate(client: Any) -> None:
     created = checked(client.post(f"/api/{ALICE}/tasks", json={"title": "Buy milk", "description": "2 l"},
-                                  headers=bearer()))
+                                  headers=auth_headers()))
     assert created.status_code == 201 and created.headers["Location"].endswith(f"/{created.get_json()['id']}")
     task_url = created.headers["Location"]
-    assert checked(client.get(task_url, headers=bearer())).status_code == 200
-    assert checked(client.put(task_url, json={"title": "new"}, headers=bearer())).status_code == 200
-    assert checked(client.patch(task_url, json={"description": None}, headers=bearer())).status_code == 200
-    assert checked(client.patch(task_url + "/complete", headers=bearer())).status_code == 200
+    assert checked(client.get(task_url, headers=auth_headers())).status_code == 200
+    assert checked(client.put(task_url, json={"title": "new"}, headers=auth_headers())).status_code == 200
+    assert checked(client.patch(task_url, json={"description": None}, headers=auth_headers())).status_code == 200
+    assert checked(client.patch(task_url + "/complete", headers=auth_headers())).status_code == 200
     assert checked(client.patch(task_url + "/complete", json={"completed": False},
-                                headers=bearer())).status_code == 200
-    assert checked(client.delete(task_url, headers=bearer())).status_code == 204
-    assert checked(client.get(task_url, headers=bearer())).status_code == 404
+                                headers=auth_headers())).status_code == 200
+    assert checked(client.delete(task_url, headers=auth_headers())).status_code == 204
+    assert checked(client.get(task_url, headers=auth_headers())).status_code == 404
 
 
 def test_task_body_that_breaks_the_schema_is_rejected(client: Any) -> None:
-    created = checked(client.post(f"/api/{ALICE}/tasks", json={"title": "Buy milk"}, headers=bearer()))
+    created = checked(client.post(f"/api/{ALICE}/tasks", json={"title": "Buy milk"}, headers=auth_headers()))
     task = created.get_json()
     for name in task:
         without = {key: value for key, value in task.items() if key != name}
@@ -207,10 +185,10 @@ def test_task_body_that_breaks_the_schema_is_rejected(client: Any) -> None:
 
 def test_list_with_and_without_limit(client: Any) -> None:
     for title in ("a", "b", "c"):
-        checked(client.post(f"/api/{ALICE}/tasks", json={"title": title}, headers=bearer()))
-    page = checked(client.get(f"/api/{ALICE}/tasks?limit=2&status=all&sort=title", headers=bearer()))
+        checked(client.post(f"/api/{ALICE}/tasks", json={"title": title}, headers=auth_headers()))
+    page = checked(client.get(f"/api/{ALICE}/tasks?limit=2&status=all&sort=title", headers=auth_headers()))
     assert page.headers["X-Total-Count"] == "3" and len(page.get_json()) == 2
-    whole = checked(client.get(f"/api/{ALICE}/tasks", headers=bearer()))
+    whole = checked(client.get(f"/api/{ALICE}/tasks", headers=auth_headers()))
     assert "X-Total-Count" not in whole.headers
     rejects(page, "X-Total-Count must be sent if and only if",
             headers={k: v for k, v in page.headers.items() if k != "X-Total-Count"})
@@ -225,7 +203,7 @@ def test_401_and_403(client: Any) -> None:
     assert missing.status_code == 401 and missing.headers["WWW-Authenticate"] == "Bearer"
     refused = checked(client.get(f"/api/{ALICE}/tasks", headers={"Authorization": "Bearer a.b.c"}))
     assert refused.status_code == 401
-    assert checked(client.get(f"/api/{ALICE}/tasks", headers=bearer("bob"))).status_code == 403
+    assert checked(client.get(f"/api/{ALICE}/tasks", headers=auth_headers("bob"))).status_code == 403
     rejects(missing, "required header WWW-Authenticate is missing", headers={"Content-Type": "application/json"})
     rejects(missing, "WWW-Authenticate", headers={**missing.headers, "WWW-Authenticate": "Basic"})
     rejects(missing, "'detail' is a required property", body_bytes=b'{"error": "no"}')
@@ -233,9 +211,9 @@ def test_401_and_403(client: Any) -> None:
 
 
 def test_422_body_and_query(client: Any) -> None:
-    bad_body = checked(client.post(f"/api/{ALICE}/tasks", json={"title": "", "completed": 1}, headers=bearer()))
+    bad_body = checked(client.post(f"/api/{ALICE}/tasks", json={"title": "", "completed": 1}, headers=auth_headers()))
     assert bad_body.status_code == 422 and len(bad_body.get_json()["errors"]) == 2
-    bad_query = checked(client.get(f"/api/{ALICE}/tasks?limit=0", headers=bearer()))
+    bad_query = checked(client.get(f"/api/{ALICE}/tasks?limit=0", headers=auth_headers()))
     assert bad_query.status_code == 422
     rejects(bad_body, "'errors' is a required property", body_bytes=b'{"detail": "Title must not be empty."}')
     rejects(bad_body, "is not one of", body_bytes=json.dumps(
@@ -245,16 +223,16 @@ def test_422_body_and_query(client: Any) -> None:
 
 
 def test_other_errors_validate(client: Any) -> None:
-    task_url = checked(client.post(f"/api/{ALICE}/tasks", json={"title": "x"}, headers=bearer())).headers["Location"]
+    task_url = checked(client.post(f"/api/{ALICE}/tasks", json={"title": "x"}, headers=auth_headers())).headers["Location"]
     assert checked(client.post(f"/api/{ALICE}/tasks", data="x", content_type="text/plain",
-                               headers=bearer())).status_code == 415
+                               headers=auth_headers())).status_code == 415
     assert checked(client.post(f"/api/{ALICE}/tasks", data="x" * (65 * 1024), content_type="application/json",
-                               headers=bearer())).status_code == 413
-    assert checked(client.get(f"/api/{ALICE}/tasks/abc", headers=bearer())).status_code == 404
-    assert checked(client.patch(task_url + "/complete", json={"completed": "yes"}, headers=bearer())).status_code == 422
+                               headers=auth_headers())).status_code == 413
+    assert checked(client.get(f"/api/{ALICE}/tasks/abc", headers=auth_headers())).status_code == 404
+    assert checked(client.patch(task_url + "/complete", json={"completed": "yes"}, headers=auth_headers())).status_code == 422
     assert checked(client.get("/health")).status_code == 200
     assert checked(client.get("/health/ready")).status_code == 200
-    deleted = checked(client.delete(task_url, headers=bearer()))
+    deleted = checked(client.delete(task_url, headers=auth_headers()))
     rejects(deleted, "the body must be empty", body_bytes=b"{}")
     health = checked(client.get("/health"))
     rejects(health, "status", body_bytes=b'{"status": "degraded"}')
@@ -262,14 +240,14 @@ def test_other_errors_validate(client: Any) -> None:
 
 def test_unknown_urls_wrong_methods_options_and_head(client: Any) -> None:
     for url in ("/nope", f"/api/{ALICE}", f"/api/{ALICE}/tasks/", f"/api/{ALICE}/tasks/1/2"):
-        assert checked(client.get(url, headers=bearer())).status_code == 404
-    wrong = checked(client.delete(f"/api/{ALICE}/tasks", headers=bearer()))
+        assert checked(client.get(url, headers=auth_headers())).status_code == 404
+    wrong = checked(client.delete(f"/api/{ALICE}/tasks", headers=auth_headers()))
     assert wrong.status_code == 405
-    assert checked(client.post(f"/api/{ALICE}/tasks/1/complete", headers=bearer())).status_code == 405
+    assert checked(client.post(f"/api/{ALICE}/tasks/1/complete", headers=auth_headers())).status_code == 405
     options = checked(client.options(f"/api/{ALICE}/tasks/1", headers={
         "Origin": "http://localhost:3000", "Access-Control-Request-Method": "DELETE"}))
     assert options.status_code == 200
-    assert checked(client.head(f"/api/{ALICE}/tasks", headers=bearer())).status_code == 200
+    assert checked(client.head(f"/api/{ALICE}/tasks", headers=auth_headers())).status_code == 200
     assert checked(client.head("/health")).status_code == 200
     unknown = client.get("/nope")
     rejects(unknown, "status 200 is not documented", status=200)
@@ -290,7 +268,7 @@ def test_a_documented_route_the_app_lacks_fails_clearly() -> None:
 
 
 def test_headers_on_every_response(client: Any) -> None:
-    api = checked(client.get(f"/api/{ALICE}/tasks", headers={**bearer(), "X-Request-ID": "req-1"}))
+    api = checked(client.get(f"/api/{ALICE}/tasks", headers={**auth_headers(), "X-Request-ID": "req-1"}))
     health = checked(client.get("/health"))
     rejects(api, "required header X-Request-ID is missing",
             headers={k: v for k, v in api.headers.items() if k != "X-Request-ID"})
@@ -310,7 +288,7 @@ def test_the_served_document_is_this_file(client: Any) -> None:
 
 
 def test_validation_is_cached_and_quick(client: Any) -> None:
-    response = client.get(f"/api/{ALICE}/tasks?limit=5", headers=bearer())
+    response = client.get(f"/api/{ALICE}/tasks?limit=5", headers=auth_headers())
     validate_flask_response(response)
     started = time.perf_counter()
     for _ in range(500):
@@ -322,3 +300,61 @@ def test_load_spec_returns_a_copy_the_checker_does_not_use() -> None:
     spec = load_spec()
     spec["paths"].clear()
     assert match_path("/health") == "/health" and load_spec()["paths"]
+
+
+# --- the document and the code say the same ---------------------------------------------------------
+
+def _limit_locations(node: Any, pointer: str = "") -> Iterator[tuple[str, Any]]:
+    """Every maxLength and maximum in the document, as (JSON pointer, value)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("maxLength", "maximum"):
+                yield f"{pointer}/{key}", value
+            else:
+                yield from _limit_locations(value, f"{pointer}/{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _limit_locations(value, f"{pointer}/{index}")
+
+
+def test_the_documents_limits_are_the_codes_constants() -> None:
+    constants = {
+        "/components/schemas/Task/properties/id/maximum": validation.MAX_TASK_ID,
+        "/components/parameters/task_id/schema/maximum": validation.MAX_TASK_ID,
+        "/components/schemas/Task/properties/title/maxLength": models.TITLE_MAX,
+        "/components/schemas/Task/properties/description/maxLength": models.DESCRIPTION_MAX,
+        "/components/schemas/Task/properties/user_id/maxLength": auth.MAX_USER_ID_LENGTH,
+        "/components/parameters/user_id/schema/maxLength": auth.MAX_USER_ID_LENGTH,
+        "/components/parameters/limit/schema/maximum": validation.MAX_LIMIT,
+        "/components/parameters/offset/schema/maximum": validation.MAX_OFFSET,
+    }
+    # Every limit the document states is one of these: a new one must be tied to its constant here.
+    assert dict(_limit_locations(load_spec())) == constants
+
+
+def _documented_422s() -> list[tuple[str, str, str, dict[str, Any], dict[str, Any]]]:
+    """(method, path, example name, the request it answers, the answer) for every 422 example."""
+    spec = load_spec()
+    found = []
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            answer = operation.get("responses", {}).get("422") if isinstance(operation, dict) else None
+            for name, example in (answer or {}).get("content", {}).get("application/json", {}).get(
+                    "examples", {}).items():
+                found.append((method, path, name, example.get("x-request"), example["value"]))
+    return found
+
+
+@pytest.mark.parametrize("method,path,name,sent,documented", _documented_422s(),
+                         ids=[f"{m} {p} {n}" for m, p, n, _, _ in _documented_422s()])
+def test_each_documented_422_is_the_live_answer_to_its_request(client: Any, new_task: Any, method: str, path: str,
+                                                               name: str, sent: dict[str, Any] | None,
+                                                               documented: dict[str, Any]) -> None:
+    assert sent is not None, f"the example {name!r} does not say which request it answers (x-request)"
+    url = path.format(user_id=ALICE, task_id=new_task()["id"])
+    if "query" in sent:
+        url += "?" + sent["query"]
+    headers = {**auth_headers(), **({"Content-Type": "application/json"} if "body" in sent else {})}
+    response = client.open(url, method=method.upper(), data=sent.get("body"), headers=headers)
+    assert response.status_code == 422
+    assert response.get_json() == documented
