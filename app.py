@@ -13,16 +13,18 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 from urllib.parse import quote
 
 import click
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, url_for
 from flask.cli import ScriptInfo, with_appcontext
 from flask_cors import CORS
-from sqlalchemy import Row, exc as sa_exc, text
+from sqlalchemy import Row, text
+from sqlalchemy import exc as sa_exc
 
 import auth
 import db
@@ -30,8 +32,15 @@ import models
 from auth import require_owner
 from errors import ApiError, ConfigError, classify_database_error, error_response, register_error_handlers
 from models import task_json
-from validation import BODY_LIMIT, completed_field, is_storable_text, list_query, parse_task_id, read_json_object, \
-    task_fields
+from validation import (
+    BODY_LIMIT,
+    completed_field,
+    is_storable_text,
+    list_query,
+    parse_task_id,
+    read_json_object,
+    task_fields,
+)
 
 log = logging.getLogger("tasks_api")
 request_log = logging.getLogger("tasks_api.request")
@@ -70,8 +79,10 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s request_id=%(request_id)s: %(me
 # A client's X-Request-ID is echoed and logged only when it is this harmless (no CR/LF, no spaces).
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # scheme://host[:port] and nothing else: what a browser sends as Origin (a DNS name, IPv4 or [IPv6]).
-ORIGIN_PATTERN = re.compile(r"https?://(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*"
-                            r"[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+ORIGIN_PATTERN = re.compile(
+    r"https?://(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*"
+    r"[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+)
 API_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 DOCS_PATH = Path(__file__).with_name("docs.html")
@@ -99,18 +110,24 @@ def load_config(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     for name, default in SETTINGS.items():
         config[name] = _typed(name, config[name], default)
     if not isinstance(logging.getLevelName(str(config["LOG_LEVEL"]).upper()), int):
-        raise ConfigError(f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, not {config['LOG_LEVEL']!r}.")
+        raise ConfigError(
+            f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, not {config['LOG_LEVEL']!r}."
+        )
     config["CORS_ORIGINS"] = ",".join(exact_origins(config["CORS_ORIGINS"]))
     if config["BETTER_AUTH_URL"] and not config["JWKS_URL"]:
         config["JWKS_URL"] = config["BETTER_AUTH_URL"].rstrip("/") + "/api/auth/jwks"
     allow_dev_secret = config.get("ALLOW_DEV_SECRET", False)
     if config["BETTER_AUTH_SECRET"] == auth.DEV_SECRET and not allow_dev_secret:
-        raise ConfigError("BETTER_AUTH_SECRET is the development secret published in this repository, so anyone "
-                          "can forge tokens with it: set a secret of your own (openssl rand -base64 32).")
+        raise ConfigError(
+            "BETTER_AUTH_SECRET is the development secret published in this repository, so anyone "
+            "can forge tokens with it: set a secret of your own (openssl rand -base64 32)."
+        )
     if not config["BETTER_AUTH_SECRET"] and not config["JWKS_URL"]:
         if not allow_dev_secret:
-            raise ConfigError("BETTER_AUTH_SECRET is not set (nor BETTER_AUTH_URL): set the secret your "
-                              "Better Auth frontend signs tokens with, or its URL for JWKS (see README).")
+            raise ConfigError(
+                "BETTER_AUTH_SECRET is not set (nor BETTER_AUTH_URL): set the secret your "
+                "Better Auth frontend signs tokens with, or its URL for JWKS (see README)."
+            )
         config["BETTER_AUTH_SECRET"] = auth.DEV_SECRET
         config["USING_DEV_SECRET"] = True
     return config
@@ -134,9 +151,11 @@ def exact_origins(raw: str) -> list[str]:
     origins = [origin.strip() for origin in raw.split(",") if origin.strip()]
     for origin in origins:
         if not ORIGIN_PATTERN.fullmatch(origin):
-            raise ConfigError(f"CORS_ORIGINS entries must be exact origins such as https://app.example.com or "
-                              f"http://localhost:3000 (a scheme, a host, an optional port; no path, no trailing "
-                              f"slash, no wildcard), and {origin!r} is not.")
+            raise ConfigError(
+                f"CORS_ORIGINS entries must be exact origins such as https://app.example.com or "
+                f"http://localhost:3000 (a scheme, a host, an optional port; no path, no trailing "
+                f"slash, no wildcard), and {origin!r} is not."
+            )
     return origins
 
 
@@ -156,15 +175,20 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.extensions["jwks"] = _jwks_client(app.config)
     app.extensions["verified_tokens"] = auth.VerifiedTokens()
     db.init_app(app)
-    CORS(app, origins=app.config["CORS_ORIGINS"].split(","), methods=API_METHODS,
-         allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-         expose_headers=["Location", "X-Total-Count", "X-Request-ID", "Retry-After", "WWW-Authenticate"],
-         # For frontends whose fetch sends credentials: 'include'. The API reads no cookie (only the
-         # Bearer token), and the origins are an exact list, so this lets nothing new in.
-         supports_credentials=True,
-         # A request without an Origin header did not ask for CORS (a browser's cross-origin fetch
-         # always sends one): it gets no CORS headers, and costs flask-cors no work.
-         max_age=600, always_send=False)
+    CORS(
+        app,
+        origins=app.config["CORS_ORIGINS"].split(","),
+        methods=API_METHODS,
+        allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+        expose_headers=["Location", "X-Total-Count", "X-Request-ID", "Retry-After", "WWW-Authenticate"],
+        # For frontends whose fetch sends credentials: 'include'. The API reads no cookie (only the
+        # Bearer token), and the origins are an exact list, so this lets nothing new in.
+        supports_credentials=True,
+        # A request without an Origin header did not ask for CORS (a browser's cross-origin fetch
+        # always sends one): it gets no CORS headers, and costs flask-cors no work.
+        max_age=600,
+        always_send=False,
+    )
     register_error_handlers(app)
     app.register_blueprint(api)
     app.add_url_rule("/health", view_func=health)
@@ -184,8 +208,7 @@ def _warn_about_the_secret(config: Mapping[str, Any]) -> None:
     if config.get("USING_DEV_SECRET"):
         log.warning("Using the DEVELOPMENT secret: tokens are forgeable. Set BETTER_AUTH_SECRET for real use.")
     elif secret and len(secret.encode()) < auth.MIN_SECRET_BYTES:
-        log.warning("BETTER_AUTH_SECRET is shorter than %d bytes; use a longer random secret.",
-                    auth.MIN_SECRET_BYTES)
+        log.warning("BETTER_AUTH_SECRET is shorter than %d bytes; use a longer random secret.", auth.MIN_SECRET_BYTES)
         # Said once here; PyJWT would otherwise repeat it on every request.
         warnings.filterwarnings("ignore", category=auth.jwt.InsecureKeyLengthWarning)
 
@@ -196,15 +219,21 @@ def _jwks_client(config: Mapping[str, Any]) -> auth.JWKSClient:
     issuer = config["JWT_ISSUER"] or base_url
     audience = config["JWT_AUDIENCE"] or base_url
     if not (issuer and audience):
-        log.warning("JWKS tokens are accepted without an iss or aud check: set BETTER_AUTH_URL, or "
-                    "JWT_ISSUER and JWT_AUDIENCE.")
-    return auth.JWKSClient(config["JWKS_URL"], issuer=issuer, audience=audience,
-                           refetch_seconds=config["JWKS_REFETCH_SECONDS"],
-                           max_age_seconds=config["JWKS_MAX_AGE_SECONDS"],
-                           stale_if_error_seconds=config["JWKS_STALE_IF_ERROR_SECONDS"])
+        log.warning(
+            "JWKS tokens are accepted without an iss or aud check: set BETTER_AUTH_URL, or JWT_ISSUER and JWT_AUDIENCE."
+        )
+    return auth.JWKSClient(
+        config["JWKS_URL"],
+        issuer=issuer,
+        audience=audience,
+        refetch_seconds=config["JWKS_REFETCH_SECONDS"],
+        max_age_seconds=config["JWKS_MAX_AGE_SECONDS"],
+        stale_if_error_seconds=config["JWKS_STALE_IF_ERROR_SECONDS"],
+    )
 
 
 # --- request ids, logs and headers ------------------------------------------------------------------
+
 
 def _configure_logging(level: str) -> None:
     """Log to stdout, every record carrying the request id of the request it was made in."""
@@ -256,8 +285,14 @@ def _finish_request(response: Response) -> Response:
     claims = g.get("claims")
     duration_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
     # Quoted, so that a %0A in a URL cannot start a forged log line.
-    request_log.info("%s %s %s %.1fms user_id=%s", request.method, quote(path, safe="/@:+,;=~!$&'()*"),
-                     response.status_code, duration_ms, quote(claims["sub"], safe="@.:+-_|") if claims else "-")
+    request_log.info(
+        "%s %s %s %.1fms user_id=%s",
+        request.method,
+        quote(path, safe="/@:+,;=~!$&'()*"),
+        response.status_code,
+        duration_ms,
+        quote(claims["sub"], safe="@.:+-_|") if claims else "-",
+    )
     return response
 
 
@@ -269,6 +304,7 @@ def _end_request(_error: BaseException | None) -> None:
 
 
 # --- health and the API's description ---------------------------------------------------------------
+
 
 def health() -> Response:
     """Liveness: the process answers; no database, no auth."""
@@ -350,8 +386,10 @@ def update_task(user_id: str, task_id: str) -> Response:
     """Change any non-empty subset of the writable fields."""
     task_number = _task_number(task_id)
     fields = task_fields(read_json_object(request, required=True), partial=True)
-    rows = db.run(models.update_task(tuple(sorted(fields))),
-                  {"task_id": task_number, "owner": user_id, **{f"v_{name}": value for name, value in fields.items()}})
+    rows = db.run(
+        models.update_task(tuple(sorted(fields))),
+        {"task_id": task_number, "owner": user_id, **{f"v_{name}": value for name, value in fields.items()}},
+    )
     return jsonify(task_json(_found(rows)))
 
 
@@ -408,8 +446,11 @@ def _insert_task(user_id: str, fields: Mapping[str, Any]) -> Row[Any]:
             if not db.is_foreign_key_violation(error):
                 raise
             if not users.owned:
-                raise ApiError(401, "Your account no longer exists; sign in again.",
-                               headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None
+                raise ApiError(
+                    401,
+                    "Your account no longer exists; sign in again.",
+                    headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+                ) from None
             # Our own user row was deleted behind our back: register again, once.
             db.forget(user_id)
             if attempt == 2:
@@ -467,8 +508,9 @@ def _return_freed_memory() -> None:
 
 # --- entry points -----------------------------------------------------------------------------------
 
-NO_SECRET_FOR_TOKENS = ("Tokens are signed with BETTER_AUTH_SECRET (HS256); with Better Auth's JWKS only, "
-                        "get them from Better Auth.")
+NO_SECRET_FOR_TOKENS = (
+    "Tokens are signed with BETTER_AUTH_SECRET (HS256); with Better Auth's JWKS only, get them from Better Auth."
+)
 
 
 @click.command("token")
@@ -511,9 +553,11 @@ def main(argv: list[str]) -> None:
 def _serve_or_print_token(argv: list[str]) -> None:
     """`python app.py`: the local server on 127.0.0.1:8000; `python app.py token USER`: a token."""
     if argv[:1] in (["-h"], ["--help"]):
-        print("usage: python app.py            serve on http://127.0.0.1:$PORT (8000) for development\n"
-              "       python app.py token USER print a token for USER signed with BETTER_AUTH_SECRET\n"
-              "                                (the development secret when it is not set)")
+        print(
+            "usage: python app.py            serve on http://127.0.0.1:$PORT (8000) for development\n"
+            "       python app.py token USER print a token for USER signed with BETTER_AUTH_SECRET\n"
+            "                                (the development secret when it is not set)"
+        )
         return
     if argv[:1] == ["token"]:
         # Quiet, so that the token alone goes to stdout: T=$(python app.py token alice).
@@ -534,8 +578,10 @@ def _serve_or_print_token(argv: list[str]) -> None:
     header = shlex.quote(f"Authorization: Bearer {token}")
     label = "DEVELOPMENT secret" if application.config.get("USING_DEV_SECRET") else "BETTER_AUTH_SECRET"
     print(f"A token for user 'demo-user', signed with the {label}, valid 24 h. Try:\n")
-    print(f"  curl -s -H {header} -H 'Content-Type: application/json' \\\n"
-          f"       -d '{{\"title\": \"Buy milk\"}}' {base}\n")
+    print(
+        f"  curl -s -H {header} -H 'Content-Type: application/json' \\\n"
+        f'       -d \'{{"title": "Buy milk"}}\' {base}\n'
+    )
     print(f"  curl -s -H {header} {base}\n", flush=True)
     application.run(host="127.0.0.1", port=port)
 

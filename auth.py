@@ -10,8 +10,9 @@ import re
 import threading
 import time
 import urllib.request
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import jwt
 from flask import current_app, g, request
@@ -132,8 +133,7 @@ def _verify_signed_token(token: str) -> tuple[Mapping[str, Any], Callable[[], bo
     return MappingProxyType(_decode(token, key, algorithms, issuer=issuer, audience=audience)), key_still_trusted
 
 
-def _decode(token: str, key: Any, algorithms: list[str], *, issuer: str | None,
-            audience: str | None) -> dict[str, Any]:
+def _decode(token: str, key: Any, algorithms: list[str], *, issuer: str | None, audience: str | None) -> dict[str, Any]:
     """Check signature and claims with pinned algorithms; exp and sub are required."""
     try:
         claims = jwt.decode(
@@ -176,9 +176,17 @@ class JWKSClient:
     (signed-in users keep working through a short outage) and not a second longer: then 503s.
     """
 
-    def __init__(self, url: str, *, issuer: str | None, audience: str | None, refetch_seconds: float = 30,
-                 timeout_seconds: float = 5, max_age_seconds: float = 300,
-                 stale_if_error_seconds: float = 3600) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        issuer: str | None,
+        audience: str | None,
+        refetch_seconds: float = 30,
+        timeout_seconds: float = 5,
+        max_age_seconds: float = 300,
+        stale_if_error_seconds: float = 3600,
+    ) -> None:
         self.url = url
         self.issuer = issuer
         self.audience = audience
@@ -241,7 +249,7 @@ class JWKSClient:
                 if not isinstance(entry, dict):
                     continue
                 try:
-                    key = jwt.PyJWK(entry, entry.get("alg") or _default_algorithm(entry))
+                    key = jwt.PyJWK(entry)  # the algorithm: the entry's alg, else inferred from kty and crv
                 except jwt.PyJWTError:
                     continue  # a key type or algorithm we do not use
                 if key.algorithm_name in JWKS_ALGORITHMS:
@@ -257,20 +265,9 @@ class JWKSClient:
 
 
 def _jwks_unavailable() -> ApiError:
-    return ApiError(503, "The sign-in service's keys could not be fetched; try again shortly.",
-                    headers={"Retry-After": "5"})
-
-
-def _default_algorithm(entry: dict[str, Any]) -> str | None:
-    """The algorithm a JWK without an `alg` is for, from its key type and curve."""
-    kty, crv = entry.get("kty"), entry.get("crv")
-    if kty == "OKP":
-        return "EdDSA"
-    if kty == "EC":
-        return {"P-256": "ES256", "P-521": "ES512"}.get(crv)
-    if kty == "RSA":
-        return "RS256"
-    return None
+    return ApiError(
+        503, "The sign-in service's keys could not be fetched; try again shortly.", headers={"Retry-After": "5"}
+    )
 
 
 def require_owner(view: F) -> F:
@@ -290,8 +287,9 @@ def require_owner(view: F) -> F:
     return wrapped  # type: ignore[return-value]
 
 
-def issue_token(secret: str, user_id: str, *, email: str | None = None, name: str | None = None,
-                lifetime_seconds: int = 3600) -> str:
+def issue_token(
+    secret: str, user_id: str, *, email: str | None = None, name: str | None = None, lifetime_seconds: int = 3600
+) -> str:
     """Sign an HS256 token for user_id, as the frontend would (for the CLI and the dev server)."""
     now = int(time.time())
     claims: dict[str, Any] = {"sub": user_id, "iat": now, "exp": now + lifetime_seconds}

@@ -8,7 +8,8 @@ test runner does), use only that, and drop it at the end. DATABASE_URL is never 
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -98,8 +99,9 @@ def client(app: Any) -> Any:
 def as_user(client: Any) -> Callable[..., Any]:
     """Send a request as a user: as_user("post", "/tasks", json=...) for the user's own URL."""
 
-    def send(method: str, path: str = "/tasks", *, user: str = ALICE, url_user: str | None = None,
-             **kwargs: Any) -> Any:
+    def send(
+        method: str, path: str = "/tasks", *, user: str = ALICE, url_user: str | None = None, **kwargs: Any
+    ) -> Any:
         headers = {**auth_headers(user), **kwargs.pop("headers", {})}
         url = f"/api/{url_user or user}{path}"
         return client.open(url, method=method.upper(), headers=headers, **kwargs)

@@ -9,14 +9,28 @@ import select as io_select
 import threading
 import time
 import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import psycopg2
 from flask import Flask, current_app
 from psycopg2 import extensions as pg_extensions
-from sqlalchemy import Column, Engine, Executable, MetaData, Row, String, Table, Text, create_engine, event, exc, \
-    inspect, text
+from sqlalchemy import (
+    Column,
+    Engine,
+    Executable,
+    MetaData,
+    Row,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    exc,
+    inspect,
+    text,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import scoped_session, sessionmaker
 
@@ -59,8 +73,9 @@ def init_app(app: Flask) -> Database:
     except (exc.DBAPIError, exc.TimeoutError) as error:
         kind, reason = classify_database_error(error)
         if kind != "transient":  # no retry will fix it: refuse to start
-            raise ConfigError(reason if kind == "configuration" else
-                              f"The database refused to set up the schema: {reason}") from None
+            raise ConfigError(
+                reason if kind == "configuration" else f"The database refused to set up the schema: {reason}"
+            ) from None
         log.warning("database unreachable at startup (%s); the schema will be created on first use", reason)
     return database
 
@@ -128,6 +143,7 @@ def _remove_session(_error: BaseException | None) -> None:
 
 # --- the engine -------------------------------------------------------------------------------------
 
+
 def normalise_database_url(raw: str) -> str:
     """Accept postgres:// and postgresql:// URLs (Heroku and Neon give the first) for psycopg2.
 
@@ -136,14 +152,18 @@ def normalise_database_url(raw: str) -> str:
     """
     scheme, sep, rest = raw.partition("://")
     if not sep:
-        raise ConfigError("DATABASE_URL must look like postgresql://user:password@host/dbname "
-                          "(or sqlite:///file.db); it has no scheme.")
+        raise ConfigError(
+            "DATABASE_URL must look like postgresql://user:password@host/dbname "
+            "(or sqlite:///file.db); it has no scheme."
+        )
     url = f"postgresql+psycopg2://{rest}" if scheme in ("postgres", "postgresql") else raw
     try:
         parsed = make_url(url)
     except (ValueError, exc.ArgumentError):
-        raise ConfigError("DATABASE_URL cannot be parsed: check the port (a number) and percent-encode "
-                          "special characters in the user and password (@ as %40, / as %2F, : as %3A).") from None
+        raise ConfigError(
+            "DATABASE_URL cannot be parsed: check the port (a number) and percent-encode "
+            "special characters in the user and password (@ as %40, / as %2F, : as %3A)."
+        ) from None
     if "@" in (parsed.host or ""):
         raise ConfigError("DATABASE_URL has a raw @ in its password: write it as %40.")
     return url
@@ -214,8 +234,11 @@ def make_engine(url: str, settings: Mapping[str, Any]) -> Engine:
 
 def _timed_connection_class(connect_timeout: float, query_timeout: float) -> type:
     """A psycopg2 connection class whose connections carry the deadlines of the engine that opens them."""
-    return type("TimedConnection", (pg_extensions.connection,),
-                {"connect_deadline": float(connect_timeout), "wait_deadline": float(query_timeout)})
+    return type(
+        "TimedConnection",
+        (pg_extensions.connection,),
+        {"connect_deadline": float(connect_timeout), "wait_deadline": float(query_timeout)},
+    )
 
 
 _CONNECTED = (pg_extensions.STATUS_READY, pg_extensions.STATUS_BEGIN, pg_extensions.STATUS_PREPARED)
@@ -242,10 +265,12 @@ def _wait_with_deadline(connection: Any) -> None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise psycopg2.OperationalError(
-                f"could not {'connect to' if connecting else 'receive data from'} server: no answer within {limit:g} s")
+                f"could not {'connect to' if connecting else 'receive data from'} server: no answer within {limit:g} s"
+            )
         poller = io_select.poll()
-        poller.register(connection.fileno(),
-                        io_select.POLLIN if state == pg_extensions.POLL_READ else io_select.POLLOUT)
+        poller.register(
+            connection.fileno(), io_select.POLLIN if state == pg_extensions.POLL_READ else io_select.POLLOUT
+        )
         poller.poll(remaining * 1000)
 
 
@@ -295,7 +320,7 @@ def _make_checkout_check(idle_check_seconds: float) -> Callable[[Any, Any, Any],
 
 # Engines must not cross a fork: a gunicorn worker forked from a master that opened connections
 # would otherwise share their sockets with its siblings.
-_ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 def _close_idle_connections_before_fork() -> None:
@@ -310,6 +335,7 @@ if hasattr(os, "register_at_fork"):
 
 
 # --- the schema -------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class UsersTable:
@@ -346,8 +372,9 @@ def _create_schema_locked(connection: Any, configured: str | None) -> UsersTable
     if exists:
         _require_text_ids(connection, name)
         owned = _is_owned(connection, name)
-        users = owned_users_table(name, metadata) if owned else Table(name, metadata, Column("id", Text,
-                                                                                            primary_key=True))
+        users = (
+            owned_users_table(name, metadata) if owned else Table(name, metadata, Column("id", Text, primary_key=True))
+        )
     else:
         users = owned_users_table(name, metadata)
         owned = True
@@ -385,8 +412,10 @@ def _require_utf8(connection: Any) -> None:
         return  # SQLite stores text as UTF-8
     encoding = connection.execute(text("SHOW server_encoding")).scalar()
     if encoding != "UTF8":
-        raise ConfigError(f"The database in DATABASE_URL uses the {encoding} encoding, which cannot store every "
-                          f"title: create it with ENCODING 'UTF8' (TEMPLATE template0) and point DATABASE_URL at it.")
+        raise ConfigError(
+            f"The database in DATABASE_URL uses the {encoding} encoding, which cannot store every "
+            f"title: create it with ENCODING 'UTF8' (TEMPLATE template0) and point DATABASE_URL at it."
+        )
 
 
 def _require_text_ids(connection: Any, users_table: str) -> None:
@@ -394,11 +423,14 @@ def _require_text_ids(connection: Any, users_table: str) -> None:
     columns = {column["name"]: column["type"] for column in inspect(connection).get_columns(users_table)}
     id_type = columns.get("id")
     if id_type is None:
-        raise ConfigError(f"The users table {users_table!r} has no id column: set USERS_TABLE to the table that "
-                          f"holds the accounts.")
+        raise ConfigError(
+            f"The users table {users_table!r} has no id column: set USERS_TABLE to the table that holds the accounts."
+        )
     if not isinstance(id_type, String):
-        raise ConfigError(f"The users table {users_table!r} has ids of type {id_type}, but this service stores user "
-                          f"ids as text: use text ids (Better Auth's default) or set USERS_TABLE to another table.")
+        raise ConfigError(
+            f"The users table {users_table!r} has ids of type {id_type}, but this service stores user "
+            f"ids as text: use text ids (Better Auth's default) or set USERS_TABLE to another table."
+        )
 
 
 def _create_ignoring_race(connection: Any, table: Table) -> None:

@@ -31,25 +31,46 @@ MISCONFIGURED = "The service is misconfigured and cannot use its database; its o
 
 # libpq's words for connection failures that only a change of configuration can fix (a failed connection
 # carries no SQLSTATE), each with the sentence the operator reads.
-_CONFIGURATION_FAILURES = tuple((re.compile(pattern), sentence) for pattern, sentence in (
-    ("password authentication failed", "The database refused the password: set the right one in DATABASE_URL "
-                                       "(percent-encoded)."),
-    ('role "[^"]*" does not exist', "The database server has no such user: fix the user name in DATABASE_URL."),
-    ('database "[^"]*" does not exist', "The database named in DATABASE_URL does not exist: create it, or fix "
-                                        "its name in DATABASE_URL."),
-    ("no pg_hba.conf entry", "The database server refuses this host or user (pg_hba.conf): allow it, or fix "
-                             "DATABASE_URL."),
-    ("server does not support SSL", "DATABASE_URL asks for TLS (sslmode) but the database server does not offer "
-                                    "it: change sslmode in DATABASE_URL, or enable TLS on the server."),
-    ("channel binding required", "DATABASE_URL asks for channel_binding=require but the server does not use it: "
-                                 "remove channel_binding from DATABASE_URL."),
-    ("Name or service not known", "The database host in DATABASE_URL does not exist: fix the host name."),
-    ("invalid dsn|invalid connection option", "DATABASE_URL has an option that libpq does not know: remove it."),
-    ("certificate", "The database server's TLS certificate cannot be verified with the settings in DATABASE_URL "
-                    "(sslmode, sslrootcert): fix them."),
-    ("Endpoint ID", "Neon cannot tell which database is meant: use the connection string exactly as Neon shows it "
-                    "in DATABASE_URL."),
-))
+_CONFIGURATION_FAILURES = tuple(
+    (re.compile(pattern), sentence)
+    for pattern, sentence in (
+        (
+            "password authentication failed",
+            "The database refused the password: set the right one in DATABASE_URL (percent-encoded).",
+        ),
+        ('role "[^"]*" does not exist', "The database server has no such user: fix the user name in DATABASE_URL."),
+        (
+            'database "[^"]*" does not exist',
+            "The database named in DATABASE_URL does not exist: create it, or fix its name in DATABASE_URL.",
+        ),
+        (
+            "no pg_hba.conf entry",
+            "The database server refuses this host or user (pg_hba.conf): allow it, or fix DATABASE_URL.",
+        ),
+        (
+            "server does not support SSL",
+            "DATABASE_URL asks for TLS (sslmode) but the database server does not offer "
+            "it: change sslmode in DATABASE_URL, or enable TLS on the server.",
+        ),
+        (
+            "channel binding required",
+            "DATABASE_URL asks for channel_binding=require but the server does not use it: "
+            "remove channel_binding from DATABASE_URL.",
+        ),
+        ("Name or service not known", "The database host in DATABASE_URL does not exist: fix the host name."),
+        ("invalid dsn|invalid connection option", "DATABASE_URL has an option that libpq does not know: remove it."),
+        (
+            "certificate",
+            "The database server's TLS certificate cannot be verified with the settings in DATABASE_URL "
+            "(sslmode, sslrootcert): fix them.",
+        ),
+        (
+            "Endpoint ID",
+            "Neon cannot tell which database is meant: use the connection string exactly as Neon shows it "
+            "in DATABASE_URL.",
+        ),
+    )
+)
 # SQLSTATEs of configuration mistakes: authorization (28), no such database (3D000), no such schema
 # (3F000), a permission the service's user lacks (42501).
 _CONFIGURATION_SQLSTATES = ("28", "3D000", "3F000", "42501")
@@ -76,8 +97,9 @@ def classify_database_error(error: BaseException) -> tuple[str, str]:
     sqlstate = getattr(original, "pgcode", None)
     if sqlstate:
         if sqlstate.startswith(_CONFIGURATION_SQLSTATES) or sqlstate == "57P04":
-            return "configuration", (f"The database or user in DATABASE_URL cannot be used as configured "
-                                     f"(SQLSTATE {sqlstate}: {message}).")
+            return "configuration", (
+                f"The database or user in DATABASE_URL cannot be used as configured (SQLSTATE {sqlstate}: {message})."
+            )
         if sqlstate.startswith(_TRANSIENT_SQLSTATES):
             return "transient", f"SQLSTATE {sqlstate}: {message}"
         return "deterministic", f"SQLSTATE {sqlstate}: {message}"
@@ -92,7 +114,8 @@ def classify_database_error(error: BaseException) -> tuple[str, str]:
         if pattern.search(message):
             return "configuration", sentence
     if isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError)) or getattr(
-            error, "connection_invalidated", False):
+        error, "connection_invalidated", False
+    ):
         return "transient", f"{type(original).__name__}: {message}"
     return "deterministic", f"{type(original).__name__}: {message}"
 
@@ -100,8 +123,14 @@ def classify_database_error(error: BaseException) -> tuple[str, str]:
 class ApiError(Exception):
     """An error the client should see, with its status, sentence and optional headers."""
 
-    def __init__(self, status: int, detail: str, *, errors: list[dict[str, str]] | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        errors: list[dict[str, str]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
@@ -121,8 +150,9 @@ def field_error(field: str, message: str, kind: str) -> dict[str, str]:
     return {"field": field, "message": message, "type": kind}
 
 
-def error_response(status: int, detail: str, *, errors: list[dict[str, str]] | None = None,
-                   headers: dict[str, str] | None = None) -> Response:
+def error_response(
+    status: int, detail: str, *, errors: list[dict[str, str]] | None = None, headers: dict[str, str] | None = None
+) -> Response:
     """Build the JSON error response."""
     body: dict[str, Any] = {"detail": detail}
     if errors is not None:
@@ -146,8 +176,11 @@ def register_error_handlers(app: Flask) -> None:
     def handle_http_exception(error: HTTPException) -> Response:
         """Render werkzeug's errors (404, 405, 413, ...) as JSON, keeping headers such as Allow."""
         status = error.code or 500
-        headers = {name: value for name, value in error.get_response().headers.items()
-                   if name.lower() not in ("content-type", "content-length")}
+        headers = {
+            name: value
+            for name, value in error.get_response().headers.items()
+            if name.lower() not in ("content-type", "content-length")
+        }
         return error_response(status, HTTP_DETAILS.get(status, error.name + "."), headers=headers)
 
     @app.errorhandler(ConfigError)
@@ -167,8 +200,9 @@ def register_error_handlers(app: Flask) -> None:
             log.error("database error that a retry would repeat: %s", reason)
             return error_response(500, "Internal server error")
         log.warning("database unavailable: %s", reason)
-        return error_response(503, "The database is unavailable right now; please try again shortly.",
-                              headers={"Retry-After": "5"})
+        return error_response(
+            503, "The database is unavailable right now; please try again shortly.", headers={"Retry-After": "5"}
+        )
 
     @app.errorhandler(Exception)
     def handle_unexpected(error: Exception) -> Response:

@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 import functools
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, cast
 
-from sqlalchemy import (Boolean, CheckConstraint, Column, DateTime, ForeignKeyConstraint, Index, Integer, MetaData,
-                        Row, Select, String, Table, Text, TypeDecorator, bindparam, delete, func, insert, select,
-                        update)
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    Row,
+    Select,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -32,7 +51,7 @@ class UTCDateTime(TypeDecorator[datetime]):
         """Store UTC; a naive datetime is a bug, not a guess."""
         if value is not None and value.tzinfo is None:
             raise ValueError("naive datetime given to a UTC column")
-        return value.astimezone(timezone.utc) if value is not None else None
+        return value.astimezone(UTC) if value is not None else None
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
         """Return an aware UTC datetime, whatever the database kept."""
@@ -40,8 +59,8 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         # SQLite keeps no zone; this service only ever writes UTC, so a naive value is UTC.
         if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
 
 
 class Base(DeclarativeBase):
@@ -74,7 +93,7 @@ class Task(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
-TASKS = Task.__table__
+TASKS = cast(Table, Task.__table__)
 # A task as the API returns it: these columns, under these names, in this order.
 TASK_FIELDS = ("id", "user_id", "title", "description", "completed", "created_at", "updated_at")
 TASK_COLUMNS = tuple(TASKS.c[name] for name in TASK_FIELDS)
@@ -93,12 +112,13 @@ def task_json(row: Row[Any]) -> dict[str, Any]:
 
 def iso_utc(value: datetime) -> str:
     """Format a UTC timestamp as ISO-8601 with a trailing Z."""
-    return value.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 # --- "now", the one difference between the databases ---------------------------------------------
 
-class written_at(FunctionElement[datetime]):
+
+class WrittenAt(FunctionElement[datetime]):
     """What a write stores as "now": the database's clock on PostgreSQL, the service's on SQLite.
 
     An UPDATE (for_update) uses clock_timestamp(), read when the row is written (after any row lock
@@ -117,16 +137,16 @@ class written_at(FunctionElement[datetime]):
 
 
 def _utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
-@compiles(written_at, "postgresql")
-def _written_at_on_postgresql(element: written_at, compiler: SQLCompiler, **kw: Any) -> str:
+@compiles(WrittenAt, "postgresql")
+def _written_at_on_postgresql(element: WrittenAt, compiler: SQLCompiler, **kw: Any) -> str:
     return "clock_timestamp()" if element.for_update else "now()"
 
 
-@compiles(written_at)
-def _written_at_elsewhere(element: written_at, compiler: SQLCompiler, **kw: Any) -> str:
+@compiles(WrittenAt)
+def _written_at_elsewhere(element: WrittenAt, compiler: SQLCompiler, **kw: Any) -> str:
     return compiler.process(bindparam("written_at", type_=UTCDateTime(), callable_=_utc_now), **kw)
 
 
@@ -138,8 +158,12 @@ def _written_at_elsewhere(element: written_at, compiler: SQLCompiler, **kw: Any)
 _OWNED = (TASKS.c.id == bindparam("task_id")) & (TASKS.c.user_id == bindparam("owner"))
 GET_TASK = select(*TASK_COLUMNS).where(_OWNED)
 DELETE_TASK = delete(TASKS).where(_OWNED).returning(TASKS.c.id)
-FLIP_TASK = (update(TASKS).where(_OWNED)
-             .values(completed=~TASKS.c.completed, updated_at=written_at(for_update=True)).returning(*TASK_COLUMNS))
+FLIP_TASK = (
+    update(TASKS)
+    .where(_OWNED)
+    .values(completed=~TASKS.c.completed, updated_at=WrittenAt(for_update=True))
+    .returning(*TASK_COLUMNS)
+)
 SORT_COLUMNS = {"created": TASKS.c.created_at, "updated": TASKS.c.updated_at, "title": TASKS.c.title}
 
 
@@ -151,10 +175,13 @@ def _insert_task() -> Any:
     more, so a user can overshoot by at most that many.
     """
     tasks_of_owner = select(func.count()).select_from(TASKS).where(TASKS.c.user_id == bindparam("owner"))
-    now = written_at(for_update=False)
-    values = {"user_id": bindparam("owner", type_=TASKS.c.user_id.type),
-              **{name: bindparam(f"v_{name}", type_=TASKS.c[name].type) for name in WRITABLE_DEFAULTS},
-              "created_at": now, "updated_at": now}
+    now = WrittenAt(for_update=False)
+    values = {
+        "user_id": bindparam("owner", type_=TASKS.c.user_id.type),
+        **{name: bindparam(f"v_{name}", type_=TASKS.c[name].type) for name in WRITABLE_DEFAULTS},
+        "created_at": now,
+        "updated_at": now,
+    }
     new_row = select(*values.values()).where(tasks_of_owner.scalar_subquery() < bindparam("max_tasks"))
     return insert(TASKS).from_select(list(values), new_row).returning(*TASK_COLUMNS)
 
@@ -165,9 +192,8 @@ INSERT_TASK = _insert_task()
 @functools.cache
 def update_task(fields: tuple[str, ...]) -> Any:
     """UPDATE ... RETURNING of the user's task, setting the given fields (v_<field>)."""
-    values = {name: bindparam(f"v_{name}") for name in fields}
-    return update(TASKS).where(_OWNED).values(**values, updated_at=written_at(for_update=True)).returning(
-        *TASK_COLUMNS)
+    values: dict[str, Any] = {name: bindparam(f"v_{name}") for name in fields}
+    return update(TASKS).where(_OWNED).values(**values, updated_at=WrittenAt(for_update=True)).returning(*TASK_COLUMNS)
 
 
 def _listed(filtered: bool) -> ColumnElement[bool]:
@@ -200,6 +226,7 @@ def list_tasks(filtered: bool, sort: str, descending: bool, paged: bool, offset:
 
 # --- the users table --------------------------------------------------------------------------------
 
+
 def owned_users_table(name: str, metadata: MetaData) -> Table:
     """The users table this service creates when no auth-owned one exists."""
     return Table(
@@ -228,11 +255,17 @@ def tasks_table_for(users_table: str, metadata: MetaData) -> Table:
 
 def register_user(users: Table, dialect: str) -> Any:
     """INSERT of a user into this service's own users table, doing nothing when the id is there already."""
+    values = {
+        "id": bindparam("id"),
+        "email": bindparam("email"),
+        "name": bindparam("name"),
+        "created_at": WrittenAt(for_update=False),
+    }
     # Imported here, for the dialect in use only: each dialect's package is memory in every worker.
     if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    values = {"id": bindparam("id"), "email": bindparam("email"), "name": bindparam("name"),
-              "created_at": written_at(for_update=False)}
-    return dialect_insert(users).values(**values).on_conflict_do_nothing(index_elements=["id"])
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert(users).values(**values).on_conflict_do_nothing(index_elements=["id"])
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert(users).values(**values).on_conflict_do_nothing(index_elements=["id"])

@@ -8,11 +8,13 @@ import io
 import json
 import logging
 import re
-from datetime import datetime, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import jwt
 import pytest
+from werkzeug.datastructures import Headers
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from app import STREAMED_LIST_FROM
@@ -45,8 +47,17 @@ def test_create_returns_task_with_location(as_user: Any) -> None:
 
 
 def test_create_ignores_fields_a_client_may_not_set(app: Any, as_user: Any) -> None:
-    response = as_user("post", json={"title": "t", "id": 999, "user_id": BOB, "completed": True,
-                                     "created_at": "2000-01-01T00:00:00Z", "owner": "x"})
+    response = as_user(
+        "post",
+        json={
+            "title": "t",
+            "id": 999,
+            "user_id": BOB,
+            "completed": True,
+            "created_at": "2000-01-01T00:00:00Z",
+            "owner": "x",
+        },
+    )
     body = response.get_json()
     assert response.status_code == 201
     assert body["id"] != 999 and body["user_id"] == ALICE
@@ -95,8 +106,9 @@ def test_update_is_partial(as_user: Any, new_task: Any, method: str) -> None:
 
 def test_update_all_fields_and_clear_description(as_user: Any, new_task: Any) -> None:
     task = new_task("t", description="d")
-    body = as_user("put", f"/tasks/{task['id']}",
-                   json={"title": "T", "description": None, "completed": True}).get_json()
+    body = as_user(
+        "put", f"/tasks/{task['id']}", json={"title": "T", "description": None, "completed": True}
+    ).get_json()
     assert (body["title"], body["description"], body["completed"]) == ("T", None, True)
 
 
@@ -196,7 +208,7 @@ BAD_AUTHORIZATION: dict[str, Callable[[], str | None]] = {
     "garbage segments": lambda: "Bearer aaa.bbb.ccc",
     "bad signature": lambda: f"Bearer {make_token(secret=OTHER_SECRET)}",
     "tampered payload": lambda: "Bearer " + _tamper(make_token()),
-    "alg none": lambda: "Bearer " + jwt.encode({"sub": ALICE, "exp": epoch_seconds() + 600}, None, algorithm="none"),
+    "alg none": lambda: "Bearer " + jwt.encode({"sub": ALICE, "exp": epoch_seconds() + 600}, "", algorithm="none"),
     "alg HS512 with the right secret": lambda: f"Bearer {make_token(algorithm='HS512')}",
     "alg HS384 with the right secret": lambda: f"Bearer {make_token(algorithm='HS384')}",
     "expired": lambda: f"Bearer {make_token(exp=epoch_seconds() - 120, iat=epoch_seconds() - 700)}",
@@ -229,13 +241,15 @@ def _tamper(token: str) -> str:
 
 @pytest.mark.parametrize("case", list(BAD_AUTHORIZATION))
 @pytest.mark.parametrize("method,path,body", ENDPOINTS, ids=ENDPOINT_IDS)
-def test_401_for_every_bad_token_on_every_endpoint(app: Any, client: Any, new_task: Any, case: str,
-                                                   method: str, path: str, body: Any) -> None:
+def test_401_for_every_bad_token_on_every_endpoint(
+    app: Any, client: Any, new_task: Any, case: str, method: str, path: str, body: Any
+) -> None:
     task = new_task("untouched")
     value = BAD_AUTHORIZATION[case]()
     headers = {} if value is None else {"Authorization": value}
-    response = client.open(f"/api/{ALICE}" + path.format(id=task["id"]), method=method.upper(),
-                           headers=headers, json=body)
+    response = client.open(
+        f"/api/{ALICE}" + path.format(id=task["id"]), method=method.upper(), headers=headers, json=body
+    )
     assert response.status_code == 401
     assert isinstance(response.get_json()["detail"], str) and response.get_json()["detail"]
     challenge = response.headers["WWW-Authenticate"]
@@ -246,8 +260,9 @@ def test_401_for_every_bad_token_on_every_endpoint(app: Any, client: Any, new_ta
 
 
 @pytest.mark.parametrize("method,path,body", ENDPOINTS, ids=ENDPOINT_IDS)
-def test_403_when_sub_is_not_the_url_user(app: Any, as_user: Any, new_task: Any, method: str, path: str,
-                                          body: Any) -> None:
+def test_403_when_sub_is_not_the_url_user(
+    app: Any, as_user: Any, new_task: Any, method: str, path: str, body: Any
+) -> None:
     task = new_task("alice's", user=ALICE)
     response = as_user(method, path.format(id=task["id"]), user=BOB, url_user=ALICE, json=body)
     assert response.status_code == 403
@@ -257,8 +272,9 @@ def test_403_when_sub_is_not_the_url_user(app: Any, as_user: Any, new_task: Any,
 
 
 @pytest.mark.parametrize("method,path,body", ENDPOINTS[2:], ids=ENDPOINT_IDS[2:])
-def test_other_users_task_is_404_and_unchanged(app: Any, as_user: Any, new_task: Any, method: str, path: str,
-                                               body: Any) -> None:
+def test_other_users_task_is_404_and_unchanged(
+    app: Any, as_user: Any, new_task: Any, method: str, path: str, body: Any
+) -> None:
     task = new_task("alice's", user=ALICE)
     before = run_sql(app, "SELECT * FROM tasks")
     response = as_user(method, path.format(id=task["id"]), user=BOB, json=body)
@@ -269,19 +285,31 @@ def test_other_users_task_is_404_and_unchanged(app: Any, as_user: Any, new_task:
     assert run_sql(app, "SELECT * FROM tasks") == before
 
 
-@pytest.mark.parametrize("owner,other", [("alice", "Alice"), ("Alice", "alice"), ("alice", "ALICE"), ("alice", "ali"),
-                                         ("ali", "alice"), ("alice", "alice2"), ("alice2", "alice")])
+@pytest.mark.parametrize(
+    "owner,other",
+    [
+        ("alice", "Alice"),
+        ("Alice", "alice"),
+        ("alice", "ALICE"),
+        ("alice", "ali"),
+        ("ali", "alice"),
+        ("alice", "alice2"),
+        ("alice2", "alice"),
+    ],
+)
 @pytest.mark.parametrize("method,path,body", ENDPOINTS, ids=ENDPOINT_IDS)
 def test_user_ids_that_differ_only_by_case_or_a_suffix_are_different_users(
-        app: Any, as_user: Any, new_task: Any, owner: str, other: str, method: str, path: str, body: Any) -> None:
+    app: Any, as_user: Any, new_task: Any, owner: str, other: str, method: str, path: str, body: Any
+) -> None:
     task = new_task("owner's", user=owner)
     response = as_user(method, path.format(id=task["id"]), user=other, url_user=owner, json=body)
     assert response.status_code == 403
     assert run_sql(app, "SELECT user_id, title, completed FROM tasks") == [(owner, "owner's", False)]
 
 
-@pytest.mark.parametrize("path", ["/tasks", "/tasks?limit=1", "/tasks?limit=1&status=pending", "/tasks/{id}",
-                                  "/tasks/999999"])
+@pytest.mark.parametrize(
+    "path", ["/tasks", "/tasks?limit=1", "/tasks?limit=1&status=pending", "/tasks/{id}", "/tasks/999999"]
+)
 def test_head_with_another_users_token_is_a_403_that_reveals_nothing(client: Any, new_task: Any, path: str) -> None:
     # Flask answers HEAD with the GET view: the same two locks must hold.
     task = new_task()
@@ -298,8 +326,9 @@ def test_head_with_another_users_token_is_a_403_that_reveals_nothing(client: Any
 def test_403_comes_before_404_and_422(as_user: Any) -> None:
     assert as_user("get", "/tasks/999999", user=BOB, url_user=ALICE).status_code == 403
     assert as_user("post", json={"title": ""}, user=BOB, url_user=ALICE).status_code == 403
-    assert as_user("post", data="x", headers={"Content-Type": "text/plain"}, user=BOB,
-                   url_user=ALICE).status_code == 403
+    assert (
+        as_user("post", data="x", headers={"Content-Type": "text/plain"}, user=BOB, url_user=ALICE).status_code == 403
+    )
 
 
 def test_401_comes_before_404_415_and_422(client: Any) -> None:
@@ -320,10 +349,18 @@ def _assert_422(response: Any, field: str) -> dict[str, Any]:
     return body
 
 
-@pytest.mark.parametrize("title,ok", [
-    ("x" * 200, True), ("x" * 201, False), ("  " + "x" * 200 + "  ", True), ("", False), ("   ", False),
-    ("\t\n", False), ("a", True),
-])
+@pytest.mark.parametrize(
+    "title,ok",
+    [
+        ("x" * 200, True),
+        ("x" * 201, False),
+        ("  " + "x" * 200 + "  ", True),
+        ("", False),
+        ("   ", False),
+        ("\t\n", False),
+        ("a", True),
+    ],
+)
 def test_title_length_boundaries(app: Any, as_user: Any, title: str, ok: bool) -> None:
     response = as_user("post", json={"title": title})
     if ok:
@@ -333,9 +370,15 @@ def test_title_length_boundaries(app: Any, as_user: Any, title: str, ok: bool) -
         assert run_sql(app, "SELECT count(*) FROM tasks")[0][0] == 0
 
 
-@pytest.mark.parametrize("description,ok", [
-    ("d" * 1000, True), ("d" * 1001, False), (" " + "d" * 1000 + " ", True), ("", True),
-])
+@pytest.mark.parametrize(
+    "description,ok",
+    [
+        ("d" * 1000, True),
+        ("d" * 1001, False),
+        (" " + "d" * 1000 + " ", True),
+        ("", True),
+    ],
+)
 def test_description_length_boundaries(as_user: Any, description: str, ok: bool) -> None:
     response = as_user("post", json={"title": "t", "description": description})
     if ok:
@@ -344,31 +387,33 @@ def test_description_length_boundaries(as_user: Any, description: str, ok: bool)
         _assert_422(response, "description")
 
 
-@pytest.mark.parametrize("body,field", [
-    ({}, "title"),
-    ({"description": "no title"}, "title"),
-    ({"title": None}, "title"),
-    ({"title": 5}, "title"),
-    ({"title": ["a"]}, "title"),
-    ({"title": {"text": "a"}}, "title"),
-    ({"title": True}, "title"),
-    ({"title": "ok", "description": 5}, "description"),
-    ({"title": "ok", "description": ["x"]}, "description"),
-    ({"title": "ok", "completed": "true"}, "completed"),
-    ({"title": "ok", "completed": 1}, "completed"),
-    ({"title": "ok", "completed": 0}, "completed"),
-    ({"title": "ok", "completed": None}, "completed"),
-    ({"title": "nul \u0000 inside"}, "title"),
-    ({"title": "ok", "description": "nul \u0000"}, "description"),
-])
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({}, "title"),
+        ({"description": "no title"}, "title"),
+        ({"title": None}, "title"),
+        ({"title": 5}, "title"),
+        ({"title": ["a"]}, "title"),
+        ({"title": {"text": "a"}}, "title"),
+        ({"title": True}, "title"),
+        ({"title": "ok", "description": 5}, "description"),
+        ({"title": "ok", "description": ["x"]}, "description"),
+        ({"title": "ok", "completed": "true"}, "completed"),
+        ({"title": "ok", "completed": 1}, "completed"),
+        ({"title": "ok", "completed": 0}, "completed"),
+        ({"title": "ok", "completed": None}, "completed"),
+        ({"title": "nul \u0000 inside"}, "title"),
+        ({"title": "ok", "description": "nul \u0000"}, "description"),
+    ],
+)
 def test_create_rejects_bad_fields(app: Any, as_user: Any, body: dict[str, Any], field: str) -> None:
     _assert_422(as_user("post", json=body), field)
     assert run_sql(app, "SELECT count(*) FROM tasks")[0][0] == 0
 
 
 def test_lone_surrogate_is_422_not_500(app: Any, as_user: Any) -> None:
-    response = as_user("post", data=b'{"title": "bad \\ud800 surrogate"}',
-                       headers={"Content-Type": "application/json"})
+    response = as_user("post", data=b'{"title": "bad \\ud800 surrogate"}', headers={"Content-Type": "application/json"})
     _assert_422(response, "title")
     assert run_sql(app, "SELECT count(*) FROM tasks")[0][0] == 0
 
@@ -378,9 +423,21 @@ def test_several_errors_are_all_reported(as_user: Any) -> None:
     assert {error["field"] for error in body["errors"]} == {"title", "description", "completed"}
 
 
-@pytest.mark.parametrize("raw", [b"not json", b"{", b'{"title": "a",}', b"[1, 2]", b'"a string"', b"null",
-                                 b"42", b"\xff\xfe\x00", b"[" * 5000 + b"]" * 5000,
-                                 b'{"title": ' + b"[" * 100000 + b"]" * 100000 + b"}"[:60000]])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not json",
+        b"{",
+        b'{"title": "a",}',
+        b"[1, 2]",
+        b'"a string"',
+        b"null",
+        b"42",
+        b"\xff\xfe\x00",
+        b"[" * 5000 + b"]" * 5000,
+        b'{"title": ' + b"[" * 100000 + b"]" * 100000 + b"}"[:60000],
+    ],
+)
 def test_body_that_is_not_a_json_object_is_422(app: Any, as_user: Any, raw: bytes) -> None:
     response = as_user("post", data=raw, headers={"Content-Type": "application/json"})
     assert response.status_code in (413, 422), response.status_code
@@ -400,8 +457,10 @@ def test_missing_body_on_create_is_422(as_user: Any) -> None:
     _assert_422(as_user("post"), "body")
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
-                                          "multipart/form-data; boundary=x", "application/xml"])
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/xml"],
+)
 def test_non_json_content_type_is_415(app: Any, as_user: Any, content_type: str) -> None:
     response = as_user("post", data='{"title": "x"}', headers={"Content-Type": content_type})
     assert response.status_code == 415
@@ -410,8 +469,9 @@ def test_non_json_content_type_is_415(app: Any, as_user: Any, content_type: str)
 
 
 def test_json_with_charset_is_accepted(as_user: Any) -> None:
-    response = as_user("post", data=json.dumps({"title": "x"}),
-                       headers={"Content-Type": "application/json; charset=utf-8"})
+    response = as_user(
+        "post", data=json.dumps({"title": "x"}), headers={"Content-Type": "application/json; charset=utf-8"}
+    )
     assert response.status_code == 201
 
 
@@ -422,14 +482,23 @@ def test_body_over_64_kib_is_413(app: Any, as_user: Any) -> None:
 
 
 @pytest.mark.parametrize("method", ["put", "patch"])
-@pytest.mark.parametrize("body,field", [
-    ({}, "body"), ({"id": 5, "user_id": "x"}, "body"), ({"title": ""}, "title"), ({"title": None}, "title"),
-    ({"title": "x" * 201}, "title"), ({"description": "d" * 1001}, "description"),
-    ({"completed": "true"}, "completed"), ({"completed": 1}, "completed"),
-    ({"title": "good", "completed": "bad"}, "completed"),
-])
-def test_update_rejects_bad_bodies_and_changes_nothing(app: Any, as_user: Any, new_task: Any, method: str,
-                                                       body: dict[str, Any], field: str) -> None:
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({}, "body"),
+        ({"id": 5, "user_id": "x"}, "body"),
+        ({"title": ""}, "title"),
+        ({"title": None}, "title"),
+        ({"title": "x" * 201}, "title"),
+        ({"description": "d" * 1001}, "description"),
+        ({"completed": "true"}, "completed"),
+        ({"completed": 1}, "completed"),
+        ({"title": "good", "completed": "bad"}, "completed"),
+    ],
+)
+def test_update_rejects_bad_bodies_and_changes_nothing(
+    app: Any, as_user: Any, new_task: Any, method: str, body: dict[str, Any], field: str
+) -> None:
     task = new_task("keep", description="same")
     _assert_422(as_user(method, f"/tasks/{task['id']}", json=body), field)
     assert as_user("get", f"/tasks/{task['id']}").get_json() == task
@@ -461,8 +530,9 @@ def test_toggle_with_a_body_without_completed_flips(as_user: Any, new_task: Any,
     assert second.get_json()["title"] == "keep"
 
 
-@pytest.mark.parametrize("raw_id", ["abc", "0", "01", "-1", "1.5", "2147483648", "99999999999999999999", "1e3",
-                                    "%20", "١٢"])
+@pytest.mark.parametrize(
+    "raw_id", ["abc", "0", "01", "-1", "1.5", "2147483648", "99999999999999999999", "1e3", "%20", "١٢"]
+)
 def test_bad_task_ids_are_404(as_user: Any, raw_id: str) -> None:
     for method, suffix in (("get", ""), ("put", ""), ("delete", ""), ("patch", "/complete")):
         response = as_user(method, f"/tasks/{raw_id}{suffix}", json={"title": "x"} if method == "put" else None)
@@ -507,9 +577,14 @@ def test_filters_and_totals_never_count_other_users_tasks(as_user: Any, new_task
         new_task(title, user=BOB, completed=completed)
     assert _ids(as_user("get", "/tasks?status=pending")) == [mine["id"]]
     assert _ids(as_user("get", "/tasks?status=completed")) == [done["id"]]
-    for query, total in (("limit=1", "2"), ("limit=1&status=completed", "1"), ("limit=5&offset=1", "2"),
-                         ("limit=5&offset=50", "2"), ("limit=5&offset=50&status=completed", "1"),
-                         ("limit=5&offset=50&status=pending", "1")):
+    for query, total in (
+        ("limit=1", "2"),
+        ("limit=1&status=completed", "1"),
+        ("limit=5&offset=1", "2"),
+        ("limit=5&offset=50", "2"),
+        ("limit=5&offset=50&status=completed", "1"),
+        ("limit=5&offset=50&status=pending", "1"),
+    ):
         page = as_user("get", f"/tasks?{query}")
         assert page.headers["X-Total-Count"] == total, query
         assert all(task["user_id"] == ALICE for task in page.get_json())
@@ -536,8 +611,11 @@ def test_limit_offset_and_total(as_user: Any, three_tasks: list[dict[str, Any]])
 def test_pages_never_skip_or_repeat_with_ties(app: Any, as_user: Any, new_task: Any, sort: str, order: str) -> None:
     ids = [new_task("same title")["id"] for _ in range(7)]
     # Identical timestamps too, so only the id can break the tie.
-    run_sql(app, "UPDATE tasks SET created_at = (SELECT min(created_at) FROM tasks), "
-                 "updated_at = (SELECT min(created_at) FROM tasks)")
+    run_sql(
+        app,
+        "UPDATE tasks SET created_at = (SELECT min(created_at) FROM tasks), "
+        "updated_at = (SELECT min(created_at) FROM tasks)",
+    )
     seen: list[int] = []
     for offset in range(0, 7, 3):
         seen += _ids(as_user("get", f"/tasks?sort={sort}&order={order}&limit=3&offset={offset}"))
@@ -581,12 +659,25 @@ def test_unknown_query_parameters_are_ignored(as_user: Any, three_tasks: Any) ->
     assert len(_ids(as_user("get", "/tasks?_=12345&foo=bar"))) == 3
 
 
-@pytest.mark.parametrize("query,field", [
-    ("status=done", "status"), ("status=", "status"), ("sort=priority", "sort"), ("order=up", "order"),
-    ("limit=0", "limit"), ("limit=1001", "limit"), ("limit=-1", "limit"), ("limit=abc", "limit"),
-    ("limit=1.5", "limit"), ("limit=", "limit"), ("offset=-1", "offset"), ("offset=x", "offset"),
-    ("offset=99999999999999999999", "offset"), ("limit=%EF%BC%91", "limit"),
-])
+@pytest.mark.parametrize(
+    "query,field",
+    [
+        ("status=done", "status"),
+        ("status=", "status"),
+        ("sort=priority", "sort"),
+        ("order=up", "order"),
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=-1", "limit"),
+        ("limit=abc", "limit"),
+        ("limit=1.5", "limit"),
+        ("limit=", "limit"),
+        ("offset=-1", "offset"),
+        ("offset=x", "offset"),
+        ("offset=99999999999999999999", "offset"),
+        ("limit=%EF%BC%91", "limit"),
+    ],
+)
 def test_invalid_query_parameters_are_422(as_user: Any, query: str, field: str) -> None:
     _assert_422(as_user("get", f"/tasks?{query}"), field)
 
@@ -631,9 +722,14 @@ ORIGIN = "http://localhost:3000"
 
 
 def test_preflight_needs_no_token(client: Any) -> None:
-    response = client.options(f"/api/{ALICE}/tasks/1", headers={
-        "Origin": ORIGIN, "Access-Control-Request-Method": "DELETE",
-        "Access-Control-Request-Headers": "authorization, content-type"})
+    response = client.options(
+        f"/api/{ALICE}/tasks/1",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "DELETE",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
     assert response.status_code == 200
     assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
     assert "DELETE" in response.headers["Access-Control-Allow-Methods"]
@@ -641,12 +737,15 @@ def test_preflight_needs_no_token(client: Any) -> None:
     assert "authorization" in allowed and "content-type" in allowed
 
 
-@pytest.mark.parametrize("status,request_kwargs", [
-    (401, {}),
-    (403, {"headers": auth_headers(BOB)}),
-    (404, {"headers": auth_headers(), "path": "/tasks/12345"}),
-    (422, {"headers": auth_headers(), "path": "/tasks?limit=0"}),
-])
+@pytest.mark.parametrize(
+    "status,request_kwargs",
+    [
+        (401, {}),
+        (403, {"headers": auth_headers(BOB)}),
+        (404, {"headers": auth_headers(), "path": "/tasks/12345"}),
+        (422, {"headers": auth_headers(), "path": "/tasks?limit=0"}),
+    ],
+)
 def test_cors_headers_on_errors(client: Any, status: int, request_kwargs: dict[str, Any]) -> None:
     path = request_kwargs.get("path", "/tasks")
     headers = {"Origin": ORIGIN, **request_kwargs.get("headers", {})}
@@ -680,7 +779,7 @@ def test_request_without_origin_gets_no_cors_headers(as_user: Any) -> None:
     # Not a CORS request (curl, server to server): nothing to allow, and nothing computed.
     response = as_user("get")
     assert response.status_code == 200
-    assert not [name for name in response.headers.keys() if name.startswith("Access-Control-")]
+    assert not [name for name, _ in response.headers if name.startswith("Access-Control-")]
 
 
 @pytest.mark.parametrize("path", ["/health", "/openapi.json", "/docs"])
@@ -694,9 +793,14 @@ def test_cacheable_answers_vary_by_origin(client: Any, path: str) -> None:
 
 def test_preflight_allows_credentials_and_the_request_id_header(client: Any) -> None:
     # fetch(..., {credentials: "include", headers: {"X-Request-ID": ...}}) from the frontend's origin.
-    response = client.options(f"/api/{ALICE}/tasks", headers={
-        "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization, content-type, x-request-id"})
+    response = client.options(
+        f"/api/{ALICE}/tasks",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, x-request-id",
+        },
+    )
     assert response.status_code == 200
     assert response.headers["Access-Control-Allow-Origin"] == ORIGIN  # never "*" with credentials
     assert response.headers["Access-Control-Allow-Credentials"] == "true"
@@ -714,34 +818,47 @@ def test_credentialed_responses_name_the_origin_and_allow_credentials(as_user: A
     assert as_user("get", headers={"Origin": ORIGIN, "Authorization": "", "Cookie": "session=x"}).status_code == 401
 
 
-@pytest.mark.parametrize("origin", ["https://xexample.com.evil.net", "https://app.example.com.evil.net",
-                                    "https://evilapp.example.com", "http://app.example.com", "https://app.example.co",
-                                    "https://APP.example.com.evil.net", "null"])
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "https://xexample.com.evil.net",
+        "https://app.example.com.evil.net",
+        "https://evilapp.example.com",
+        "http://app.example.com",
+        "https://app.example.co",
+        "https://APP.example.com.evil.net",
+        "null",
+    ],
+)
 def test_lookalike_origins_get_no_cors_headers(database_url: str, origin: str) -> None:
     application = make_app(database_url, CORS_ORIGINS="https://app.example.com")
     response = application.test_client().get("/health", headers={"Origin": origin})
     assert "Access-Control-Allow-Origin" not in response.headers
-    assert application.test_client().get("/health", headers={"Origin": "https://app.example.com"}).headers[
-        "Access-Control-Allow-Origin"] == "https://app.example.com"
+    assert (
+        application.test_client()
+        .get("/health", headers={"Origin": "https://app.example.com"})
+        .headers["Access-Control-Allow-Origin"]
+        == "https://app.example.com"
+    )
     application.extensions["db"].engine.dispose()
 
 
 def test_chunked_body_over_64_kib_is_413(app: Any, client: Any) -> None:
     # As gunicorn passes a chunked body: no Content-Length, the stream ends where the body does.
     body = json.dumps({"title": "x", "description": "d" * (70 * 1024)}).encode()
-    builder = EnvironBuilder(path=f"/api/{ALICE}/tasks", method="POST", input_stream=io.BytesIO(body),
-                             headers={**auth_headers(), "Content-Type": "application/json",
-                                      "Transfer-Encoding": "chunked"})
+    headers = Headers({**auth_headers(), "Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+    builder = EnvironBuilder(path=f"/api/{ALICE}/tasks", method="POST", input_stream=io.BytesIO(body), headers=headers)
     environ = builder.get_environ()
     del environ["CONTENT_LENGTH"]
     environ["wsgi.input_terminated"] = True
-    body_chunks, status, headers = run_wsgi_app(app, environ)  # the test client would add a length
+    body_chunks, status, _ = run_wsgi_app(app, environ)  # the test client would add a length
     assert status.startswith("413") and json.loads(b"".join(body_chunks))["detail"]
     assert run_sql(app, "SELECT count(*) FROM tasks")[0][0] == 0
 
 
-@pytest.mark.parametrize("url", [f"/api/{ALICE}//tasks", f"/api//{ALICE}/tasks", "/health//ready",
-                                 f"/api/{ALICE}/tasks//1"])
+@pytest.mark.parametrize(
+    "url", [f"/api/{ALICE}//tasks", f"/api//{ALICE}/tasks", "/health//ready", f"/api/{ALICE}/tasks//1"]
+)
 def test_doubled_slashes_are_json_404_not_html_redirects(client: Any, url: str) -> None:
     response = client.get(url, headers=auth_headers())
     assert response.status_code == 404 and response.get_json()["detail"]
@@ -752,4 +869,4 @@ def test_timestamps_always_have_microseconds(new_task: Any) -> None:
     for value in (task["created_at"], task["updated_at"]):
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", value), value
     # A whole second keeps its six zeros, so the field always has one shape.
-    assert iso_utc(datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)) == "2026-01-02T03:04:05.000000Z"
+    assert iso_utc(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)) == "2026-01-02T03:04:05.000000Z"

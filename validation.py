@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Literal, overload
 
 from flask import Request
 
@@ -15,6 +16,14 @@ MAX_TASK_ID = 2**31 - 1  # the tasks.id column is a 32-bit integer
 MAX_LIMIT = 1000
 MAX_OFFSET = 2**31 - 1
 BODY_LIMIT = 64 * 1024
+
+
+@overload
+def read_json_object(request: Request, *, required: Literal[True]) -> dict[str, Any]: ...
+
+
+@overload
+def read_json_object(request: Request, *, required: Literal[False]) -> dict[str, Any] | None: ...
 
 
 def read_json_object(request: Request, *, required: bool) -> dict[str, Any] | None:
@@ -90,8 +99,11 @@ def _text_checker(field: str, longest: int, *, required: bool) -> Callable[[Any,
 def _check_completed(value: Any, errors: list[dict[str, str]]) -> bool | None:
     # bool only: "true", 1 and null are refused rather than guessed at.
     if not isinstance(value, bool):
-        errors.append(field_error("completed", "Completed must be a JSON boolean, true or false (not a string or "
-                                               "a number).", "bool_type"))
+        errors.append(
+            field_error(
+                "completed", "Completed must be a JSON boolean, true or false (not a string or a number).", "bool_type"
+            )
+        )
         return None
     return value
 
@@ -112,11 +124,15 @@ def task_fields(payload: Mapping[str, Any], *, partial: bool) -> dict[str, Any]:
     errors: list[dict[str, str]] = []
     present = [name for name in WRITABLE_DEFAULTS if name in payload]
     if partial and not present:
-        raise ValidationError([field_error(
-            "body", f"Send at least one of the fields {', '.join(WRITABLE_DEFAULTS)}.", "missing")])
+        raise ValidationError(
+            [field_error("body", f"Send at least one of the fields {', '.join(WRITABLE_DEFAULTS)}.", "missing")]
+        )
     if not partial:
-        errors += [field_error(name, f"{name.capitalize()} is required.", "missing")
-                   for name in REQUIRED_ON_CREATE if name not in payload]
+        errors += [
+            field_error(name, f"{name.capitalize()} is required.", "missing")
+            for name in REQUIRED_ON_CREATE
+            if name not in payload
+        ]
     fields = {name: _CHECKS[name](payload[name], errors) for name in present}
     if errors:
         raise ValidationError(errors)
@@ -166,14 +182,14 @@ _CHOICES = {
 }
 
 
-def _bounded_int(args: Mapping[str, str], name: str, low: int, high: int,
-                 errors: list[dict[str, str]]) -> int | None:
+def _bounded_int(args: Mapping[str, str], name: str, low: int, high: int, errors: list[dict[str, str]]) -> int | None:
     raw = args.get(name)
     if raw is None:
         return None
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 12 or not low <= int(raw) <= high:
-        errors.append(field_error(name, f"{name.capitalize()} must be a whole number from {low} to {high}.",
-                                  "int_range"))
+        errors.append(
+            field_error(name, f"{name.capitalize()} must be a whole number from {low} to {high}.", "int_range")
+        )
         return None
     return int(raw)
 
@@ -187,8 +203,7 @@ def list_query(args: Mapping[str, str]) -> ListQuery:
         if value is None:
             continue
         if value not in choices:
-            errors.append(field_error(name, f"{name.capitalize()} must be one of: {', '.join(choices)}.",
-                                      "enum"))
+            errors.append(field_error(name, f"{name.capitalize()} must be one of: {', '.join(choices)}.", "enum"))
         else:
             chosen[name] = value
     limit = _bounded_int(args, "limit", 1, MAX_LIMIT, errors)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any
 
 import jwt
 import psycopg2
@@ -40,8 +42,13 @@ def admin_connection(url: str) -> Any:
     """A psycopg2 autocommit connection to the database TEST_DATABASE_URL names."""
     parsed = make_url(normalise_database_url(url))
     connection = psycopg2.connect(
-        host=parsed.host, port=parsed.port or 5432, user=parsed.username, password=parsed.password,
-        dbname=parsed.database, **{k: v for k, v in parsed.query.items() if isinstance(v, str)})
+        host=parsed.host,
+        port=parsed.port or 5432,
+        user=parsed.username,
+        password=parsed.password,
+        dbname=parsed.database,
+        **{k: v for k, v in parsed.query.items() if isinstance(v, str)},
+    )
     connection.autocommit = True
     return connection
 
@@ -58,8 +65,9 @@ def run_sql(app: Any, sql: str, **params: Any) -> list[Any]:
         return result.fetchall() if result.returns_rows else []
 
 
-def make_token(sub: Any = ALICE, *, secret: str = SECRET, algorithm: str = "HS256",
-               drop: tuple[str, ...] = (), **claims: Any) -> str:
+def make_token(
+    sub: Any = ALICE, *, secret: str = SECRET, algorithm: str = "HS256", drop: tuple[str, ...] = (), **claims: Any
+) -> str:
     now = int(time.time())
     payload: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + 600, **claims}
     for name in drop:
@@ -73,7 +81,8 @@ def auth_headers(sub: Any = ALICE, **claims: Any) -> dict[str, str]:
 
 def parse_time(value: str) -> datetime:
     parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    assert parsed.utcoffset() is not None and parsed.utcoffset().total_seconds() == 0
+    offset = parsed.utcoffset()
+    assert offset is not None and offset.total_seconds() == 0
     return parsed
 
 
@@ -125,11 +134,8 @@ class FakePostgres:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            with client:
-                try:
-                    self._refuse(client)
-                except OSError:
-                    pass
+            with client, contextlib.suppress(OSError):
+                self._refuse(client)
 
     def _refuse(self, client: socket.socket) -> None:
         while True:
@@ -142,8 +148,13 @@ class FakePostgres:
         if self.fatal is None:
             return
         sqlstate, message = self.fatal
-        fields = b"".join(kind + value.encode() + b"\0" for kind, value in
-                          ((b"S", "FATAL"), (b"V", "FATAL"), (b"C", sqlstate), (b"M", message))) + b"\0"
+        fields = (
+            b"".join(
+                kind + value.encode() + b"\0"
+                for kind, value in ((b"S", "FATAL"), (b"V", "FATAL"), (b"C", sqlstate), (b"M", message))
+            )
+            + b"\0"
+        )
         client.sendall(b"E" + (len(fields) + 4).to_bytes(4, "big") + fields)
 
     def close(self) -> None:

@@ -24,8 +24,9 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 from urllib.parse import parse_qs
 
 from jsonschema import Draft202012Validator
@@ -53,9 +54,14 @@ def _spec() -> dict[str, Any]:
 
 # --- route coverage ------------------------------------------------------------------------------
 
+
 def _documented_operations(spec: Mapping[str, Any]) -> set[tuple[str, str]]:
-    return {(method.upper(), path) for path, item in spec.get("paths", {}).items() for method in item
-            if method in HTTP_METHODS and method.upper() not in IMPLICIT_METHODS}
+    return {
+        (method.upper(), path)
+        for path, item in spec.get("paths", {}).items()
+        for method in item
+        if method in HTTP_METHODS and method.upper() not in IMPLICIT_METHODS
+    }
 
 
 def route_coverage(app: Any) -> tuple[list[str], list[str]]:
@@ -79,6 +85,7 @@ def route_coverage(app: Any) -> tuple[list[str], list[str]]:
 
 
 # --- references and validators -------------------------------------------------------------------
+
 
 def _escape(token: str) -> str:
     return token.replace("~", "~0").replace("/", "~1")
@@ -115,21 +122,26 @@ def _registry() -> Registry:
     return Registry().with_resource(BASE_URI, DRAFT202012.create_resource(_spec()))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _validator(pointer: str) -> Draft202012Validator:
     """A compiled Draft 2020-12 validator for the schema at this pointer (formats checked)."""
-    return Draft202012Validator({"$ref": f"{BASE_URI}#{pointer}"}, registry=_registry(),
-                                format_checker=Draft202012Validator.FORMAT_CHECKER)
+    return Draft202012Validator(
+        {"$ref": f"{BASE_URI}#{pointer}"}, registry=_registry(), format_checker=Draft202012Validator.FORMAT_CHECKER
+    )
 
 
 def schema_errors(pointer: str, instance: Any) -> list[str]:
     """Readable problems of instance against the schema at pointer ([] when it is valid)."""
-    errors = sorted(_validator(pointer).iter_errors(instance), key=lambda error: [str(part) for part in error.absolute_path])
+    errors = sorted(
+        _validator(pointer).iter_errors(instance), key=lambda error: [str(part) for part in error.absolute_path]
+    )
     return [f"{error.json_path}: {error.message}" for error in errors[:5]] + (
-        [f"... and {len(errors) - 5} more"] if len(errors) > 5 else [])
+        [f"... and {len(errors) - 5} more"] if len(errors) > 5 else []
+    )
 
 
 # --- path matching -------------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=1)
 def _templates() -> list[tuple[re.Pattern[str], str]]:
@@ -154,6 +166,7 @@ def match_path(path: str) -> str | None:
 
 
 # --- responses -----------------------------------------------------------------------------------
+
 
 def _media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
@@ -196,8 +209,16 @@ def _select(method: str, path: str) -> tuple[dict[str, Any], str, str, set[str] 
     return _at(pointer), pointer, f"{method} on {template} (not documented: 405 expected)", allowed
 
 
-def validate_response(method: str, path: str, status: int, content_type: str | None, body_bytes: bytes,
-                      headers: Any, *, query: str | None = None) -> None:
+def validate_response(
+    method: str,
+    path: str,
+    status: int,
+    content_type: str | None,
+    body_bytes: bytes,
+    headers: Any,
+    *,
+    query: str | None = None,
+) -> None:
     """Check one response against openapi.json; AssertionError saying what is wrong.
 
     path is the request path, percent-decoded as Flask's request.path, optionally followed by
@@ -234,13 +255,16 @@ def validate_response(method: str, path: str, status: int, content_type: str | N
         if "x-present-if-query-parameter" in header:
             condition = header["x-present-if-query-parameter"]
             if (value is not None) != (condition in parameters):
-                raise fail(f"header {name} must be sent if and only if the query has {condition!r} "
-                           f"(query: {query!r}; {name}: {value!r})")
+                raise fail(
+                    f"header {name} must be sent if and only if the query has {condition!r} "
+                    f"(query: {query!r}; {name}: {value!r})"
+                )
         elif "x-present-if-path-prefix" in header:
             prefix = header["x-present-if-path-prefix"]
             if (value is not None) != path.startswith(prefix):
-                raise fail(f"header {name} must be sent if and only if the path starts with {prefix!r} "
-                           f"({name}: {value!r})")
+                raise fail(
+                    f"header {name} must be sent if and only if the path starts with {prefix!r} ({name}: {value!r})"
+                )
         elif value is None and header.get("required"):
             raise fail(f"required header {name} is missing")
         if value is not None and "schema" in header:
@@ -257,8 +281,10 @@ def validate_response(method: str, path: str, status: int, content_type: str | N
         allow = received.get("allow")
         listed = {method.strip().upper() for method in (allow or "").split(",") if method.strip()}
         if allow is None or listed - IMPLICIT_METHODS != allow_must_list:
-            raise fail(f"Allow is {allow!r}; less HEAD and OPTIONS it must list exactly the documented "
-                       f"methods {sorted(allow_must_list)}")
+            raise fail(
+                f"Allow is {allow!r}; less HEAD and OPTIONS it must list exactly the documented "
+                f"methods {sorted(allow_must_list)}"
+            )
 
     # Body.
     content = response.get("content") or {}
@@ -291,5 +317,12 @@ def validate_response(method: str, path: str, status: int, content_type: str | N
 def validate_flask_response(response: Any) -> None:
     """validate_response for a Flask/werkzeug test-client response (it carries its request)."""
     request = response.request
-    validate_response(request.method, request.path, response.status_code, response.content_type,
-                      response.get_data(), response.headers, query=request.query_string.decode("latin-1"))
+    validate_response(
+        request.method,
+        request.path,
+        response.status_code,
+        response.content_type,
+        response.get_data(),
+        response.headers,
+        query=request.query_string.decode("latin-1"),
+    )

@@ -32,9 +32,21 @@ def test_the_per_user_task_limit_defaults_to_10000(app: Any) -> None:
     assert app.config["MAX_TASKS_PER_USER"] == 10_000
 
 
-@pytest.mark.parametrize("entry", ["*", "https://*.example.com", "https://app.example.com/", "https://app.example.com/app",
-                                   "app.example.com", "ftp://app.example.com", "https://app.example.com:port",
-                                   "https://user@app.example.com", "null", "https://app.example.com?x=1"])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "*",
+        "https://*.example.com",
+        "https://app.example.com/",
+        "https://app.example.com/app",
+        "app.example.com",
+        "ftp://app.example.com",
+        "https://app.example.com:port",
+        "https://user@app.example.com",
+        "null",
+        "https://app.example.com?x=1",
+    ],
+)
 def test_cors_origins_must_be_exact_origins(database_url: str, entry: str) -> None:
     with pytest.raises(ConfigError, match="^CORS_ORIGINS entries must be exact origins"):
         make_app(database_url, CORS_ORIGINS=f"http://localhost:3000, {entry}")
@@ -61,13 +73,16 @@ def test_the_published_development_secret_is_refused_outside_python_app_py(datab
         make_app(database_url, BETTER_AUTH_SECRET=DEV_SECRET)
 
 
-@pytest.mark.parametrize("setting,value,sentence", [
-    ("LOG_LEVEL", "TRACE", "^LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, not 'TRACE'.$"),
-    ("DATABASE_URL", "localhost/tasks", "^DATABASE_URL must look like postgresql://"),
-    ("DATABASE_URL", "postgresql://user@host:abc/db", "^DATABASE_URL cannot be parsed"),
-    ("DATABASE_URL", "postgresql://user:p@ss@127.0.0.1/db", "^DATABASE_URL has a raw @ in its password"),
-    ("MAX_TASKS_PER_USER", "lots", "^MAX_TASKS_PER_USER must be a whole number"),
-])
+@pytest.mark.parametrize(
+    "setting,value,sentence",
+    [
+        ("LOG_LEVEL", "TRACE", "^LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, not 'TRACE'.$"),
+        ("DATABASE_URL", "localhost/tasks", "^DATABASE_URL must look like postgresql://"),
+        ("DATABASE_URL", "postgresql://user@host:abc/db", "^DATABASE_URL cannot be parsed"),
+        ("DATABASE_URL", "postgresql://user:p@ss@127.0.0.1/db", "^DATABASE_URL has a raw @ in its password"),
+        ("MAX_TASKS_PER_USER", "lots", "^MAX_TASKS_PER_USER must be a whole number"),
+    ],
+)
 def test_configuration_mistakes_are_one_sentence(database_url: str, setting: str, value: str, sentence: str) -> None:
     with pytest.raises(ConfigError, match=sentence) as raised:
         make_app(database_url, **{setting: value})
@@ -78,7 +93,7 @@ def test_short_secret_warns(database_url: str, caplog: pytest.LogCaptureFixture)
     with caplog.at_level(logging.WARNING):
         application = make_app(database_url, BETTER_AUTH_SECRET="short")
     assert any("shorter than 32 bytes" in record.getMessage() for record in caplog.records)
-    assert all("short" != record.getMessage() for record in caplog.records)
+    assert all(record.getMessage() != "short" for record in caplog.records)
     application.extensions["db"].engine.dispose()
 
 
@@ -106,20 +121,26 @@ def test_bad_integer_setting_is_a_clear_error(database_url: str) -> None:
         make_app(database_url, DB_POOL_SIZE="many")
 
 
-@pytest.mark.parametrize("raw,expected", [
-    ("postgres://u:p@host/db", "postgresql+psycopg2://u:p@host/db"),
-    ("postgresql://u:p@ep-x-pooler.neon.tech/neondb?sslmode=require&channel_binding=require",
-     "postgresql+psycopg2://u:p@ep-x-pooler.neon.tech/neondb?sslmode=require&channel_binding=require"),
-    ("postgresql+psycopg2://u@h:5433/d", "postgresql+psycopg2://u@h:5433/d"),
-    ("sqlite:///tasks.db", "sqlite:///tasks.db"),
-    ("postgres://u:p%40ss@h/d", "postgresql+psycopg2://u:p%40ss@h/d"),
-])
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        ("postgres://u:p@host/db", "postgresql+psycopg2://u:p@host/db"),
+        (
+            "postgresql://u:p@ep-x-pooler.neon.tech/neondb?sslmode=require&channel_binding=require",
+            "postgresql+psycopg2://u:p@ep-x-pooler.neon.tech/neondb?sslmode=require&channel_binding=require",
+        ),
+        ("postgresql+psycopg2://u@h:5433/d", "postgresql+psycopg2://u@h:5433/d"),
+        ("sqlite:///tasks.db", "sqlite:///tasks.db"),
+        ("postgres://u:p%40ss@h/d", "postgresql+psycopg2://u:p%40ss@h/d"),
+    ],
+)
 def test_database_url_normalisation(raw: str, expected: str) -> None:
     assert normalise_database_url(raw) == expected
 
 
-def test_database_url_default_is_sqlite_file_in_working_directory(monkeypatch: pytest.MonkeyPatch,
-                                                                  tmp_path: Any) -> None:
+def test_database_url_default_is_sqlite_file_in_working_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
     monkeypatch.chdir(tmp_path)
     application = create_app({"BETTER_AUTH_SECRET": SECRET})
     assert application.config["DATABASE_URL"] == "sqlite:///tasks.db"
@@ -134,10 +155,11 @@ def test_token_cli_prints_a_valid_token(app: Any) -> None:
     assert claims["sub"] == "carol" and claims["email"] == "c@example.com" and claims["exp"] > time.time()
 
 
-def test_lazy_app_attribute_reports_configuration_errors_in_one_sentence(monkeypatch: pytest.MonkeyPatch,
-                                                                         tmp_path: Any) -> None:
+def test_lazy_app_attribute_reports_configuration_errors_in_one_sentence(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delitem(app_module.__dict__, "app", raising=False)
+    monkeypatch.delitem(vars(app_module), "app", raising=False)
     with pytest.raises(SystemExit, match="^BETTER_AUTH_SECRET is not set"):
         app_module.app  # noqa: B018 (the attribute access is the test)
 
@@ -167,17 +189,21 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
-@pytest.mark.parametrize("setting,value,named", [
-    ("DATABASE_URL", "localhost/tasks", "DATABASE_URL"),
-    ("DATABASE_URL", "postgresql://tasks@db.example:abc/tasks", "DATABASE_URL"),
-    ("DATABASE_URL", "postgresql://tasks:p@ss@127.0.0.1/tasks", "DATABASE_URL"),
-    ("LOG_LEVEL", "TRACE", "LOG_LEVEL"),
-    ("CORS_ORIGINS", "https://*.example.com", "CORS_ORIGINS"),
-    ("DB_POOL_SIZE", "five", "DB_POOL_SIZE"),
-    ("USERS_TABLE", "user", "users table 'user'"),
-])
-def test_startup_mistakes_are_one_sentence_and_a_failed_exit(tmp_path: Any, entry: str, setting: str, value: str,
-                                                             named: str) -> None:
+@pytest.mark.parametrize(
+    "setting,value,named",
+    [
+        ("DATABASE_URL", "localhost/tasks", "DATABASE_URL"),
+        ("DATABASE_URL", "postgresql://tasks@db.example:abc/tasks", "DATABASE_URL"),
+        ("DATABASE_URL", "postgresql://tasks:p@ss@127.0.0.1/tasks", "DATABASE_URL"),
+        ("LOG_LEVEL", "TRACE", "LOG_LEVEL"),
+        ("CORS_ORIGINS", "https://*.example.com", "CORS_ORIGINS"),
+        ("DB_POOL_SIZE", "five", "DB_POOL_SIZE"),
+        ("USERS_TABLE", "user", "users table 'user'"),
+    ],
+)
+def test_startup_mistakes_are_one_sentence_and_a_failed_exit(
+    tmp_path: Any, entry: str, setting: str, value: str, named: str
+) -> None:
     if setting == "LOG_LEVEL" and entry == "python app.py token":
         pytest.skip("the token command logs nothing: it sets its own LOG_LEVEL")
     database = tmp_path / "tasks.db"
@@ -198,8 +224,14 @@ def test_the_database_password_is_never_printed_or_logged(tmp_path: Any) -> None
     environment = {"DATABASE_URL": f"postgresql://tasks:{password}@127.0.0.1:1/tasks", "DB_CONNECT_TIMEOUT": "1"}
     env = {name: value for name, value in os.environ.items() if name not in app_module.SETTINGS}
     env.update({"PYTHONPATH": REPO, "PORT": str(_free_port()), "PYTHONUNBUFFERED": "1", **environment})
-    server = subprocess.Popen([sys.executable, os.path.join(REPO, "app.py")], env=env, cwd=tmp_path, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "app.py")],
+        env=env,
+        cwd=tmp_path,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     output: list[str] = []
     try:
         deadline = time.monotonic() + 20

@@ -9,7 +9,8 @@ import resource
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, event, inspect, text
@@ -22,7 +23,6 @@ from tests.common import (
     ALICE,
     BOB,
     ON_POSTGRES,
-    TEST_DB_URL,
     FakePostgres,
     admin_connection,
     auth_headers,
@@ -43,9 +43,13 @@ def test_ready_when_database_answers(client: Any) -> None:
 def test_concurrent_creates_overshoot_the_limit_by_at_most_their_number(database_url: str) -> None:
     application = make_app(database_url, MAX_TASKS_PER_USER=5)
     url = f"/api/{ALICE}/tasks"
-    statuses = in_threads(8, lambda _: [application.test_client().post(url, json={"title": "t"},
-                                                                         headers=auth_headers()).status_code
-                                         for _ in range(3)])
+    statuses = in_threads(
+        8,
+        lambda _: [
+            application.test_client().post(url, json={"title": "t"}, headers=auth_headers()).status_code
+            for _ in range(3)
+        ],
+    )
     assert {status for batch in statuses for status in batch} <= {201, 409}
     stored = run_sql(application, "SELECT count(*) FROM tasks")[0][0]
     assert 5 <= stored <= 5 + 8 and stored == sum(batch.count(201) for batch in statuses)
@@ -76,8 +80,7 @@ def test_database_that_does_not_answer_times_out_as_503() -> None:
     silent.listen(1)  # accepts TCP, never speaks: the connect timeout must end the wait
     port = silent.getsockname()[1]
     try:
-        application = make_app(f"postgresql://postgres@127.0.0.1:{port}/none", DB_CONNECT_TIMEOUT=2,
-                               DB_QUERY_TIMEOUT=8)
+        application = make_app(f"postgresql://postgres@127.0.0.1:{port}/none", DB_CONNECT_TIMEOUT=2, DB_QUERY_TIMEOUT=8)
         started = time.monotonic()
         response = application.test_client().get(f"/api/{ALICE}/tasks", headers=auth_headers())
         assert response.status_code == 503
@@ -94,25 +97,31 @@ def test_a_wrong_database_password_refuses_to_start_in_one_sentence(fake_postgre
     server = fake_postgres(WRONG_PASSWORD)
     with pytest.raises(ConfigError) as raised:
         make_app(server.url(password="hunter2-secret"))
-    assert str(raised.value) == ("The database refused the password: set the right one in DATABASE_URL "
-                                 "(percent-encoded).")
+    assert str(raised.value) == (
+        "The database refused the password: set the right one in DATABASE_URL (percent-encoded)."
+    )
 
 
 @postgres_only
-@pytest.mark.parametrize("change,sentence", [
-    ({"database": "no_such_database_here"}, "^The database named in DATABASE_URL does not exist"),
-    ({"username": "no_such_role_here"}, "^The database server has no such user"),
-    ({"query": {"sslmode": "require"}}, "^DATABASE_URL asks for TLS"),
-])
-def test_database_settings_that_cannot_work_refuse_to_start(postgres_url: str, change: dict[str, Any],
-                                                           sentence: str) -> None:
+@pytest.mark.parametrize(
+    "change,sentence",
+    [
+        ({"database": "no_such_database_here"}, "^The database named in DATABASE_URL does not exist"),
+        ({"username": "no_such_role_here"}, "^The database server has no such user"),
+        ({"query": {"sslmode": "require"}}, "^DATABASE_URL asks for TLS"),
+    ],
+)
+def test_database_settings_that_cannot_work_refuse_to_start(
+    postgres_url: str, change: dict[str, Any], sentence: str
+) -> None:
     url = make_url(postgres_url).set(**change).render_as_string(hide_password=False)
     with pytest.raises(ConfigError, match=sentence):
         make_app(url)
 
 
-def test_a_configuration_error_while_serving_is_a_500_the_log_explains(fake_postgres: Callable[..., FakePostgres],
-                                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_a_configuration_error_while_serving_is_a_500_the_log_explains(
+    fake_postgres: Callable[..., FakePostgres], caplog: pytest.LogCaptureFixture
+) -> None:
     server = fake_postgres(None)  # down at startup: the service starts and answers 503s
     with caplog.at_level(logging.WARNING):
         application = make_app(server.url(), DB_CONNECT_TIMEOUT=2)
@@ -122,24 +131,33 @@ def test_a_configuration_error_while_serving_is_a_500_the_log_explains(fake_post
     server.fatal = WRONG_PASSWORD  # then it answers, and refuses the password: no retry will fix that
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        for response in (client.get(f"/api/{ALICE}/tasks", headers=auth_headers()),
-                         client.post(f"/api/{ALICE}/tasks", json={"title": "x"}, headers=auth_headers()),
-                         client.get("/health/ready")):
+        for response in (
+            client.get(f"/api/{ALICE}/tasks", headers=auth_headers()),
+            client.post(f"/api/{ALICE}/tasks", json={"title": "x"}, headers=auth_headers()),
+            client.get("/health/ready"),
+        ):
             assert response.status_code == 500 and "Retry-After" not in response.headers
             assert response.get_json() == {"detail": MISCONFIGURED}
     errors = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
-    assert errors and all(message == "configuration error: The database refused the password: set the right one in "
-                          "DATABASE_URL (percent-encoded)." for message in errors)
+    assert errors and all(
+        message == "configuration error: The database refused the password: set the right one in "
+        "DATABASE_URL (percent-encoded)."
+        for message in errors
+    )
     assert not [record for record in caplog.records if "unavailable" in record.getMessage()]
     assert client.get("/health").status_code == 200  # the process itself is alive
 
 
-@pytest.mark.parametrize("postgresql,sqlite", [
-    # PostgreSQL files SQLSTATE 54000 (program_limit_exceeded) under OperationalError, as it does an outage.
-    ("SELECT '{{{{{{{{1}}}}}}}}'::int[]", "SELECT json('not json')"),
-])
-def test_a_database_error_that_a_retry_would_repeat_is_a_500_not_a_503(app: Any, postgresql: str, sqlite: str,
-                                                                        caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "postgresql,sqlite",
+    [
+        # PostgreSQL files SQLSTATE 54000 (program_limit_exceeded) under OperationalError, as it does an outage.
+        ("SELECT '{{{{{{{{1}}}}}}}}'::int[]", "SELECT json('not json')"),
+    ],
+)
+def test_a_database_error_that_a_retry_would_repeat_is_a_500_not_a_503(
+    app: Any, postgresql: str, sqlite: str, caplog: pytest.LogCaptureFixture
+) -> None:
     import db
 
     @app.get("/deterministic")
@@ -159,8 +177,9 @@ def test_a_database_that_cannot_store_unicode_refuses_to_start(postgres_url: str
     name = f"{make_url(postgres_url).database}_{encoding.lower()}"
     admin = admin_connection(postgres_url)
     with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}" ENCODING \'{encoding}\' LC_COLLATE \'C\' LC_CTYPE \'C\' '
-                       f'TEMPLATE template0')
+        cursor.execute(
+            f"CREATE DATABASE \"{name}\" ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        )
     try:
         with pytest.raises(ConfigError, match=f"^The database in DATABASE_URL uses the {encoding} encoding"):
             make_app(make_url(postgres_url).set(database=name).render_as_string(hide_password=False))
@@ -205,15 +224,20 @@ def _create_auth_owned_table(database_url: str, name: str) -> Any:
     engine = create_engine(normalise_database_url(database_url), isolation_level="AUTOCOMMIT")
     quoted = engine.dialect.identifier_preparer.quote(name)
     with engine.connect() as connection:
-        connection.execute(text(f"CREATE TABLE {quoted} (id TEXT PRIMARY KEY, name TEXT NOT NULL, "
-                                f"email TEXT NOT NULL, \"emailVerified\" BOOLEAN NOT NULL DEFAULT false)"))
+        connection.execute(
+            text(
+                f"CREATE TABLE {quoted} (id TEXT PRIMARY KEY, name TEXT NOT NULL, "
+                f'email TEXT NOT NULL, "emailVerified" BOOLEAN NOT NULL DEFAULT false)'
+            )
+        )
         connection.execute(text(f"INSERT INTO {quoted} (id, name, email) VALUES ('alice', 'Alice', 'a@x')"))
     return engine
 
 
 @pytest.mark.parametrize("table,configured", [("user", None), ("users", None), ("accounts", "accounts")])
-def test_auth_owned_users_table_is_used_and_never_written(database_url: str, table: str,
-                                                          configured: str | None) -> None:
+def test_auth_owned_users_table_is_used_and_never_written(
+    database_url: str, table: str, configured: str | None
+) -> None:
     engine = _create_auth_owned_table(database_url, table)
     application = make_app(database_url, USERS_TABLE=configured)
     users = application.extensions["db"].schema.users
@@ -259,7 +283,7 @@ def test_concurrent_toggles_with_body_end_in_requested_state(app: Any, new_task:
     task = new_task()
     path = f"/api/{ALICE}/tasks/{task['id']}/complete"
 
-    def toggle(index: int) -> int:
+    def toggle(index: int) -> list[int]:
         client = app.test_client()
         statuses = []
         for round_number in range(5):
@@ -278,8 +302,9 @@ def test_concurrent_toggles_with_body_end_in_requested_state(app: Any, new_task:
 def test_concurrent_flips_lose_no_update(app: Any, new_task: Any) -> None:
     task = new_task()
     path = f"/api/{ALICE}/tasks/{task['id']}/complete"
-    flips = in_threads(8, lambda _: [app.test_client().patch(path, headers=auth_headers()).status_code
-                                      for _ in range(5)])
+    flips = in_threads(
+        8, lambda _: [app.test_client().patch(path, headers=auth_headers()).status_code for _ in range(5)]
+    )
     assert sum(len(statuses) for statuses in flips) == 40
     assert run_sql(app, "SELECT completed FROM tasks WHERE id = :id", id=task["id"]) == [(False,)]
 
@@ -288,8 +313,10 @@ def test_concurrent_flips_lose_no_update(app: Any, new_task: Any) -> None:
 def test_concurrent_updates_leave_newest_updated_at(app: Any, new_task: Any) -> None:
     task = new_task()
     path = f"/api/{ALICE}/tasks/{task['id']}"
-    responses = in_threads(8, lambda index: app.test_client().put(
-        path, json={"title": f"title {index}"}, headers=auth_headers()).get_json())
+    responses = in_threads(
+        8,
+        lambda index: app.test_client().put(path, json={"title": f"title {index}"}, headers=auth_headers()).get_json(),
+    )
     final = app.test_client().get(path, headers=auth_headers()).get_json()
     assert final["title"] in {f"title {index}" for index in range(8)}
     assert parse_time(final["updated_at"]) >= max(parse_time(body["updated_at"]) for body in responses)
@@ -301,15 +328,17 @@ def test_app_instances_create_tables_at_once_on_empty_database(database_url: str
     assert {"tasks", "users"} <= set(inspect(engine).get_table_names())
     clients = [application.test_client() for application in apps]
     for index, client in enumerate(clients):
-        assert client.post(f"/api/{ALICE}/tasks", json={"title": f"t{index}"},
-                           headers=auth_headers()).status_code == 201
+        assert (
+            client.post(f"/api/{ALICE}/tasks", json={"title": f"t{index}"}, headers=auth_headers()).status_code == 201
+        )
     assert run_sql(apps[0], "SELECT count(*) FROM tasks")[0][0] == 4
     for application in apps:
         application.extensions["db"].engine.dispose()
 
 
-def test_schema_created_on_first_use_when_database_was_down(database_url: str, monkeypatch: pytest.MonkeyPatch,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_schema_created_on_first_use_when_database_was_down(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     import db
 
     real_create = db.create_schema
@@ -372,10 +401,13 @@ def test_each_request_is_one_statement(app: Any, as_user: Any, new_task: Any) ->
 def test_terminated_idle_connection_is_replaced_without_error(app: Any, as_user: Any, new_task: Any) -> None:
     new_task("before")
     database = app.extensions["db"].engine.url.database
-    admin = admin_connection(TEST_DB_URL)
+    admin = admin_connection(app.extensions["db"].engine.url.render_as_string(hide_password=False))
     with admin.cursor() as cursor:
-        cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                       "WHERE datname = %s AND state = 'idle' AND pid <> pg_backend_pid()", (database,))
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND state = 'idle' AND pid <> pg_backend_pid()",
+            (database,),
+        )
         assert cursor.rowcount >= 1
     admin.close()
     time.sleep(0.2)  # let the FATAL message reach the pooled socket
@@ -387,8 +419,7 @@ def test_terminated_idle_connection_is_replaced_without_error(app: Any, as_user:
 def test_each_app_uses_its_own_database(tmp_path: Any, database_url: str) -> None:
     first = make_app(f"sqlite:///{tmp_path / 'first.db'}")
     second = make_app(database_url)  # created last: the Session registry's default bind
-    response = first.test_client().post(f"/api/{ALICE}/tasks", json={"title": "into first"},
-                                        headers=auth_headers())
+    response = first.test_client().post(f"/api/{ALICE}/tasks", json={"title": "into first"}, headers=auth_headers())
     assert response.status_code == 201
     assert run_sql(first, "SELECT title FROM tasks") == [("into first",)]
     assert run_sql(second, "SELECT count(*) FROM tasks")[0][0] == 0
@@ -414,7 +445,7 @@ def test_checkout_check_works_past_file_descriptor_1024(app: Any, as_user: Any) 
     if hard != resource.RLIM_INFINITY and hard < 1200:
         pytest.skip("the hard file descriptor limit is below 1200")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
-    filler = []
+    filler: list[int] = []
     try:
         while not filler or filler[-1] < 1100:
             filler.append(os.open(os.devnull, os.O_RDONLY))
@@ -467,8 +498,9 @@ class FreezableProxy:
 
 
 @postgres_only
-def test_a_database_that_stops_answering_is_a_503_within_the_query_timeout(postgres_url: str,
-                                                                           database_url: str) -> None:
+def test_a_database_that_stops_answering_is_a_503_within_the_query_timeout(
+    postgres_url: str, database_url: str
+) -> None:
     parsed = make_url(postgres_url)
     proxy = FreezableProxy((parsed.host or "127.0.0.1", parsed.port or 5432))
     try:
@@ -491,8 +523,9 @@ def test_a_database_that_stops_answering_is_a_503_within_the_query_timeout(postg
 
 @postgres_only
 @pytest.mark.parametrize("environment, expected", [({}, "disable"), ({"PGGSSENCMODE": "prefer"}, "prefer")])
-def test_no_gssapi_probe_unless_asked(database_url: str, monkeypatch: pytest.MonkeyPatch,
-                                      environment: dict[str, str], expected: str) -> None:
+def test_no_gssapi_probe_unless_asked(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], expected: str
+) -> None:
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     application = make_app(database_url)

@@ -8,8 +8,9 @@ import hmac
 import json
 import threading
 import time
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jwt
 import pytest
@@ -36,6 +37,8 @@ class SigningKey:
 
     def __init__(self, algorithm: str, kid: str) -> None:
         self.algorithm, self.kid = algorithm, kid
+        self.private: Any
+        jwk: dict[str, Any]
         if algorithm == "EdDSA":
             self.private = ed25519.Ed25519PrivateKey.generate()
             jwk = OKPAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
@@ -48,8 +51,9 @@ class SigningKey:
         self.jwk = {**jwk, "kid": kid, "alg": algorithm}
 
     def public_pem(self) -> bytes:
-        return self.private.public_key().public_bytes(serialization.Encoding.PEM,
-                                                      serialization.PublicFormat.SubjectPublicKeyInfo)
+        return self.private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
 
     def token(self, sub: str = ALICE, *, kid: str | None = None, **claims: Any) -> str:
         now = epoch_seconds()
@@ -116,8 +120,7 @@ def jwks_app_with(database_url: str, jwks_server: JWKSServer) -> Iterator[Callab
     built: list[Any] = []
 
     def build(**settings: Any) -> Any:
-        application = make_app(database_url, **{"BETTER_AUTH_URL": AUTH_URL, "JWKS_URL": jwks_server.url,
-                                                 **settings})
+        application = make_app(database_url, **{"BETTER_AUTH_URL": AUTH_URL, "JWKS_URL": jwks_server.url, **settings})
         built.append(application)
         return application
 
@@ -136,12 +139,14 @@ def _get_tasks(application: Any, token: str, user: str = ALICE) -> Any:
 
 
 @pytest.mark.parametrize("algorithm", ["EdDSA", "ES256", "RS256"])
-def test_jwks_tokens_of_each_algorithm_are_accepted(jwks_app: Any, signing_keys: dict[str, SigningKey],
-                                                    algorithm: str) -> None:
+def test_jwks_tokens_of_each_algorithm_are_accepted(
+    jwks_app: Any, signing_keys: dict[str, SigningKey], algorithm: str
+) -> None:
     token = signing_keys[algorithm].token()
     assert _get_tasks(jwks_app, token).status_code == 200
-    created = jwks_app.test_client().post(f"/api/{ALICE}/tasks", json={"title": "via JWKS"},
-                                          headers={"Authorization": f"Bearer {token}"})
+    created = jwks_app.test_client().post(
+        f"/api/{ALICE}/tasks", json={"title": "via JWKS"}, headers={"Authorization": f"Bearer {token}"}
+    )
     assert created.status_code == 201 and created.get_json()["user_id"] == ALICE
     assert _get_tasks(jwks_app, token, user=BOB).status_code == 403
 
@@ -150,15 +155,17 @@ def test_hs256_keeps_working_beside_jwks(jwks_app: Any) -> None:
     assert _get_tasks(jwks_app, make_token()).status_code == 200
 
 
-def test_jwks_is_fetched_once_and_cached(jwks_app: Any, jwks_server: JWKSServer,
-                                         signing_keys: dict[str, SigningKey]) -> None:
+def test_jwks_is_fetched_once_and_cached(
+    jwks_app: Any, jwks_server: JWKSServer, signing_keys: dict[str, SigningKey]
+) -> None:
     for _ in range(5):
         assert _get_tasks(jwks_app, signing_keys["EdDSA"].token()).status_code == 200
     assert jwks_server.fetches == 1
 
 
-def test_jwks_key_rotation_is_picked_up(jwks_app_with: Callable[..., Any], jwks_server: JWKSServer,
-                                        signing_keys: dict[str, SigningKey]) -> None:
+def test_jwks_key_rotation_is_picked_up(
+    jwks_app_with: Callable[..., Any], jwks_server: JWKSServer, signing_keys: dict[str, SigningKey]
+) -> None:
     application = jwks_app_with(JWKS_REFETCH_SECONDS=0)
     assert _get_tasks(application, signing_keys["EdDSA"].token()).status_code == 200
     rotated = SigningKey("EdDSA", "kid-rotated")
@@ -167,8 +174,9 @@ def test_jwks_key_rotation_is_picked_up(jwks_app_with: Callable[..., Any], jwks_
     assert jwks_server.fetches == 2
 
 
-def test_unknown_kid_is_401_and_refetches_at_most_once_per_interval(jwks_app: Any, jwks_server: JWKSServer,
-                                                                     signing_keys: dict[str, SigningKey]) -> None:
+def test_unknown_kid_is_401_and_refetches_at_most_once_per_interval(
+    jwks_app: Any, jwks_server: JWKSServer, signing_keys: dict[str, SigningKey]
+) -> None:
     assert _get_tasks(jwks_app, signing_keys["EdDSA"].token()).status_code == 200
     for attempt in range(5):
         response = _get_tasks(jwks_app, signing_keys["EdDSA"].token(kid=f"made-up-{attempt}"))
@@ -178,12 +186,21 @@ def test_unknown_kid_is_401_and_refetches_at_most_once_per_interval(jwks_app: An
     assert jwks_server.fetches == 1
 
 
-@pytest.mark.parametrize("claims", [
-    {"iss": "https://evil.example"}, {"aud": "https://other.example"}, {"iss": None}, {"aud": None},
-    {"exp": 1_000_000_000}, {"sub": ""},
-], ids=["wrong iss", "wrong aud", "no iss", "no aud", "expired", "empty sub"])
-def test_jwks_token_claims_are_checked(jwks_app: Any, signing_keys: dict[str, SigningKey],
-                                       claims: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"iss": "https://evil.example"},
+        {"aud": "https://other.example"},
+        {"iss": None},
+        {"aud": None},
+        {"exp": 1_000_000_000},
+        {"sub": ""},
+    ],
+    ids=["wrong iss", "wrong aud", "no iss", "no aud", "expired", "empty sub"],
+)
+def test_jwks_token_claims_are_checked(
+    jwks_app: Any, signing_keys: dict[str, SigningKey], claims: dict[str, Any]
+) -> None:
     key = signing_keys["ES256"]
     now = epoch_seconds()
     payload = {"sub": ALICE, "iat": now, "exp": now + 900, "iss": AUTH_URL, "aud": AUTH_URL, **claims}
@@ -192,23 +209,22 @@ def test_jwks_token_claims_are_checked(jwks_app: Any, signing_keys: dict[str, Si
     assert _get_tasks(jwks_app, token).status_code == 401
 
 
-def test_jwks_token_signed_by_another_key_with_known_kid_is_401(jwks_app: Any,
-                                                                signing_keys: dict[str, SigningKey]) -> None:
+def test_jwks_token_signed_by_another_key_with_known_kid_is_401(
+    jwks_app: Any, signing_keys: dict[str, SigningKey]
+) -> None:
     impostor = SigningKey("EdDSA", signing_keys["EdDSA"].kid)
     assert _get_tasks(jwks_app, impostor.token()).status_code == 401
 
 
-def test_jwks_token_whose_alg_differs_from_its_key_is_401(jwks_app: Any,
-                                                          signing_keys: dict[str, SigningKey]) -> None:
+def test_jwks_token_whose_alg_differs_from_its_key_is_401(jwks_app: Any, signing_keys: dict[str, SigningKey]) -> None:
     # Signed with the ES256 key but claiming the RS256 key's kid.
     assert _get_tasks(jwks_app, signing_keys["ES256"].token(kid="kid-RS256")).status_code == 401
 
 
 @pytest.mark.parametrize("with_secret", [True, False])
-def test_hs256_token_is_never_verified_with_jwks_key_material(jwks_app_with: Callable[..., Any],
-                                                              jwks_server: JWKSServer,
-                                                              signing_keys: dict[str, SigningKey],
-                                                              with_secret: bool) -> None:
+def test_hs256_token_is_never_verified_with_jwks_key_material(
+    jwks_app_with: Callable[..., Any], jwks_server: JWKSServer, signing_keys: dict[str, SigningKey], with_secret: bool
+) -> None:
     """Algorithm confusion: an HS256 token 'signed' with a public key the JWKS publishes."""
     application = jwks_app_with(BETTER_AUTH_SECRET=SECRET if with_secret else None)
     rsa_key, ed_key = signing_keys["RS256"], signing_keys["EdDSA"]
@@ -233,8 +249,9 @@ def _hs256_by_hand(claims: dict[str, Any], key: bytes, *, kid: str) -> str:
     return (signing_input + b"." + signature).decode()
 
 
-def test_jwks_down_is_503_not_401(jwks_app_with: Callable[..., Any], jwks_server: JWKSServer,
-                                  signing_keys: dict[str, SigningKey]) -> None:
+def test_jwks_down_is_503_not_401(
+    jwks_app_with: Callable[..., Any], jwks_server: JWKSServer, signing_keys: dict[str, SigningKey]
+) -> None:
     jwks_server.failing = True
     application = jwks_app_with(JWKS_REFETCH_SECONDS=60)
     for _ in range(3):
@@ -252,7 +269,8 @@ def test_jwks_unreachable_host_is_503(jwks_app_with: Callable[..., Any], signing
 
 
 def test_jwks_keys_stay_trusted_through_an_outage_up_to_the_bound_and_no_longer(
-        jwks_app_with: Callable[..., Any], jwks_server: JWKSServer, signing_keys: dict[str, SigningKey]) -> None:
+    jwks_app_with: Callable[..., Any], jwks_server: JWKSServer, signing_keys: dict[str, SigningKey]
+) -> None:
     application = jwks_app_with(JWKS_REFETCH_SECONDS=0, JWKS_MAX_AGE_SECONDS=0.3, JWKS_STALE_IF_ERROR_SECONDS=1)
     remembered = signing_keys["EdDSA"].token()
     assert _get_tasks(application, remembered).status_code == 200
@@ -269,8 +287,9 @@ def test_jwks_keys_stay_trusted_through_an_outage_up_to_the_bound_and_no_longer(
     assert _get_tasks(application, remembered).status_code == 200
 
 
-def test_jwks_comes_back_after_an_outage(jwks_app_with: Callable[..., Any], jwks_server: JWKSServer,
-                                         signing_keys: dict[str, SigningKey]) -> None:
+def test_jwks_comes_back_after_an_outage(
+    jwks_app_with: Callable[..., Any], jwks_server: JWKSServer, signing_keys: dict[str, SigningKey]
+) -> None:
     jwks_server.failing = True
     application = jwks_app_with(JWKS_REFETCH_SECONDS=0)
     assert _get_tasks(application, signing_keys["EdDSA"].token()).status_code == 503
@@ -288,8 +307,9 @@ def test_better_auth_url_sets_jwks_url_and_claims(database_url: str) -> None:
     application.extensions["db"].engine.dispose()
 
 
-def test_jwks_key_removed_from_the_set_stops_verifying(jwks_app_with: Callable[..., Any], jwks_server: JWKSServer,
-                                                       signing_keys: dict[str, SigningKey]) -> None:
+def test_jwks_key_removed_from_the_set_stops_verifying(
+    jwks_app_with: Callable[..., Any], jwks_server: JWKSServer, signing_keys: dict[str, SigningKey]
+) -> None:
     application = jwks_app_with(JWKS_REFETCH_SECONDS=0, JWKS_MAX_AGE_SECONDS=0.2)
     revoked = signing_keys["RS256"]
     token = revoked.token()  # the very same token before and after: verified once, then remembered
@@ -302,7 +322,8 @@ def test_jwks_key_removed_from_the_set_stops_verifying(jwks_app_with: Callable[.
 
 
 def test_remembered_jwks_token_is_refused_once_a_refetch_drops_its_key(
-        jwks_app_with: Callable[..., Any], jwks_server: JWKSServer, signing_keys: dict[str, SigningKey]) -> None:
+    jwks_app_with: Callable[..., Any], jwks_server: JWKSServer, signing_keys: dict[str, SigningKey]
+) -> None:
     # Well inside the keys' 5-minute max age: an unknown kid makes the service refetch early.
     application = jwks_app_with(JWKS_REFETCH_SECONDS=0)
     revoked = signing_keys["ES256"]
@@ -316,8 +337,9 @@ def test_remembered_jwks_token_is_refused_once_a_refetch_drops_its_key(
     assert _get_tasks(application, signing_keys["EdDSA"].token()).status_code == 200
 
 
-def test_jwks_broken_http_answer_is_503_and_rate_limited(jwks_app_with: Callable[..., Any], jwks_server: JWKSServer,
-                                                         signing_keys: dict[str, SigningKey]) -> None:
+def test_jwks_broken_http_answer_is_503_and_rate_limited(
+    jwks_app_with: Callable[..., Any], jwks_server: JWKSServer, signing_keys: dict[str, SigningKey]
+) -> None:
     jwks_server.garbage = True
     application = jwks_app_with(JWKS_REFETCH_SECONDS=60)
     for _ in range(3):
@@ -325,7 +347,8 @@ def test_jwks_broken_http_answer_is_503_and_rate_limited(jwks_app_with: Callable
     assert jwks_server.fetches == 1
 
 
-def test_jwks_entries_that_are_not_keys_are_skipped(jwks_app: Any, jwks_server: JWKSServer,
-                                                    signing_keys: dict[str, SigningKey]) -> None:
+def test_jwks_entries_that_are_not_keys_are_skipped(
+    jwks_app: Any, jwks_server: JWKSServer, signing_keys: dict[str, SigningKey]
+) -> None:
     jwks_server.extra_entries = ["not a key", 42, {"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"}]
     assert _get_tasks(jwks_app, signing_keys["ES256"].token()).status_code == 200

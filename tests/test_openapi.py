@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from openapi_spec_validator import validate as validate_openapi
+from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 
 import auth
 import models
@@ -37,16 +39,28 @@ def checked(response: Any) -> Any:
 def rejects(response: Any, match: str, **changes: Any) -> None:
     """The checker refuses this response with some part replaced (status, content_type, body, headers)."""
     request = response.request
-    values = {"status": response.status_code, "content_type": response.content_type,
-              "body_bytes": response.get_data(), "headers": dict(response.headers),
-              "query": request.query_string.decode()}
+    values = {
+        "status": response.status_code,
+        "content_type": response.content_type,
+        "body_bytes": response.get_data(),
+        "headers": dict(response.headers),
+        "query": request.query_string.decode(),
+    }
     values.update(changes)
     with pytest.raises(AssertionError, match=match):
-        validate_response(request.method, request.path, values.pop("status"), values.pop("content_type"),
-                          values.pop("body_bytes"), values.pop("headers"), query=values.pop("query"))
+        validate_response(
+            request.method,
+            request.path,
+            values.pop("status"),
+            values.pop("content_type"),
+            values.pop("body_bytes"),
+            values.pop("headers"),
+            query=values.pop("query"),
+        )
 
 
 # --- the document --------------------------------------------------------------------------------
+
 
 def test_document_is_valid_openapi_3_1() -> None:
     spec = load_spec()
@@ -57,7 +71,7 @@ def test_document_is_valid_openapi_3_1() -> None:
 def test_the_spec_validator_can_fail() -> None:
     broken = load_spec()
     broken["paths"]["/health"]["get"]["responses"]["200"] = {"content": {}}  # a response needs a description
-    with pytest.raises(Exception):
+    with pytest.raises(OpenAPIValidationError, match="'description' is a required property"):
         validate_openapi(broken)
 
 
@@ -78,8 +92,9 @@ def test_every_example_matches_its_schema() -> None:
         if not isinstance(node, dict) or pointer.startswith("/x-"):
             continue
         if "schema" in node and ("example" in node or "examples" in node):
-            values = [node["example"]] if "example" in node else [
-                example["value"] for example in node["examples"].values()]
+            values = (
+                [node["example"]] if "example" in node else [example["value"] for example in node["examples"].values()]
+            )
             for value in values:
                 assert schema_errors(pointer + "/schema", value) == [], (pointer, value)
                 checked_count += 1
@@ -92,9 +107,21 @@ def test_every_example_matches_its_schema() -> None:
 
 def test_example_checking_can_fail() -> None:
     assert schema_errors("/components/schemas/Task", {"id": 1}) != []
-    assert schema_errors("/components/schemas/Task", {
-        "id": 1, "user_id": "a", "title": "t", "description": None, "completed": False,
-        "created_at": "yesterday", "updated_at": "2026-11-25T17:01:59Z"}) != []
+    assert (
+        schema_errors(
+            "/components/schemas/Task",
+            {
+                "id": 1,
+                "user_id": "a",
+                "title": "t",
+                "description": None,
+                "completed": False,
+                "created_at": "yesterday",
+                "updated_at": "2026-11-25T17:01:59Z",
+            },
+        )
+        != []
+    )
 
 
 def test_every_api_operation_is_secured_and_documents_auth_and_database_errors() -> None:
@@ -128,6 +155,7 @@ def test_path_matching() -> None:
 
 # --- routes, both ways ---------------------------------------------------------------------------
 
+
 def test_every_route_is_documented_and_every_documented_route_exists(app: Any) -> None:
     undocumented, unimplemented = route_coverage(app)
     assert not undocumented, f"routes of the app missing from openapi.json: {undocumented}"
@@ -151,17 +179,21 @@ def test_route_coverage_reports_both_directions(app: Any) -> None:
 
 # --- real responses ------------------------------------------------------------------------------
 
+
 def test_create_get_update_complete_delete_validate(client: Any) -> None:
-    created = checked(client.post(f"/api/{ALICE}/tasks", json={"title": "Buy milk", "description": "2 l"},
-                                  headers=auth_headers()))
+    created = checked(
+        client.post(f"/api/{ALICE}/tasks", json={"title": "Buy milk", "description": "2 l"}, headers=auth_headers())
+    )
     assert created.status_code == 201 and created.headers["Location"].endswith(f"/{created.get_json()['id']}")
     task_url = created.headers["Location"]
     assert checked(client.get(task_url, headers=auth_headers())).status_code == 200
     assert checked(client.put(task_url, json={"title": "new"}, headers=auth_headers())).status_code == 200
     assert checked(client.patch(task_url, json={"description": None}, headers=auth_headers())).status_code == 200
     assert checked(client.patch(task_url + "/complete", headers=auth_headers())).status_code == 200
-    assert checked(client.patch(task_url + "/complete", json={"completed": False},
-                                headers=auth_headers())).status_code == 200
+    assert (
+        checked(client.patch(task_url + "/complete", json={"completed": False}, headers=auth_headers())).status_code
+        == 200
+    )
     assert checked(client.delete(task_url, headers=auth_headers())).status_code == 204
     assert checked(client.get(task_url, headers=auth_headers())).status_code == 404
 
@@ -177,8 +209,11 @@ def test_task_body_that_breaks_the_schema_is_rejected(client: Any) -> None:
     rejects(created, "created_at", body_bytes=json.dumps({**task, "created_at": "2026-11-25 17:01"}).encode())
     rejects(created, "id", body_bytes=json.dumps({**task, "id": "1"}).encode())
     rejects(created, "not JSON", body_bytes=b"<html>")
-    rejects(created, "required header Location is missing",
-            headers={k: v for k, v in created.headers.items() if k != "Location"})
+    rejects(
+        created,
+        "required header Location is missing",
+        headers={k: v for k, v in created.headers.items() if k != "Location"},
+    )
     rejects(created, "Content-Type 'text/html'", content_type="text/html")
     rejects(created, "status 200 is not documented", status=200)
 
@@ -190,8 +225,11 @@ def test_list_with_and_without_limit(client: Any) -> None:
     assert page.headers["X-Total-Count"] == "3" and len(page.get_json()) == 2
     whole = checked(client.get(f"/api/{ALICE}/tasks", headers=auth_headers()))
     assert "X-Total-Count" not in whole.headers
-    rejects(page, "X-Total-Count must be sent if and only if",
-            headers={k: v for k, v in page.headers.items() if k != "X-Total-Count"})
+    rejects(
+        page,
+        "X-Total-Count must be sent if and only if",
+        headers={k: v for k, v in page.headers.items() if k != "X-Total-Count"},
+    )
     rejects(whole, "X-Total-Count must be sent if and only if", headers={**whole.headers, "X-Total-Count": "3"})
     rejects(page, "X-Total-Count", headers={**page.headers, "X-Total-Count": "three"})
     rejects(page, r"\$\[1\]", body_bytes=json.dumps([page.get_json()[0], {"id": 2}]).encode())
@@ -216,20 +254,45 @@ def test_422_body_and_query(client: Any) -> None:
     bad_query = checked(client.get(f"/api/{ALICE}/tasks?limit=0", headers=auth_headers()))
     assert bad_query.status_code == 422
     rejects(bad_body, "'errors' is a required property", body_bytes=b'{"detail": "Title must not be empty."}')
-    rejects(bad_body, "is not one of", body_bytes=json.dumps(
-        {"detail": "x", "errors": [{"field": "title", "message": "x", "type": "too_bad"}]}).encode())
-    rejects(bad_body, "Additional properties", body_bytes=json.dumps(
-        {"detail": "x", "errors": [{"field": "title", "message": "x", "type": "missing", "hint": "?"}]}).encode())
+    rejects(
+        bad_body,
+        "is not one of",
+        body_bytes=json.dumps(
+            {"detail": "x", "errors": [{"field": "title", "message": "x", "type": "too_bad"}]}
+        ).encode(),
+    )
+    rejects(
+        bad_body,
+        "Additional properties",
+        body_bytes=json.dumps(
+            {"detail": "x", "errors": [{"field": "title", "message": "x", "type": "missing", "hint": "?"}]}
+        ).encode(),
+    )
 
 
 def test_other_errors_validate(client: Any) -> None:
-    task_url = checked(client.post(f"/api/{ALICE}/tasks", json={"title": "x"}, headers=auth_headers())).headers["Location"]
-    assert checked(client.post(f"/api/{ALICE}/tasks", data="x", content_type="text/plain",
-                               headers=auth_headers())).status_code == 415
-    assert checked(client.post(f"/api/{ALICE}/tasks", data="x" * (65 * 1024), content_type="application/json",
-                               headers=auth_headers())).status_code == 413
+    task_url = checked(client.post(f"/api/{ALICE}/tasks", json={"title": "x"}, headers=auth_headers())).headers[
+        "Location"
+    ]
+    assert (
+        checked(
+            client.post(f"/api/{ALICE}/tasks", data="x", content_type="text/plain", headers=auth_headers())
+        ).status_code
+        == 415
+    )
+    assert (
+        checked(
+            client.post(
+                f"/api/{ALICE}/tasks", data="x" * (65 * 1024), content_type="application/json", headers=auth_headers()
+            )
+        ).status_code
+        == 413
+    )
     assert checked(client.get(f"/api/{ALICE}/tasks/abc", headers=auth_headers())).status_code == 404
-    assert checked(client.patch(task_url + "/complete", json={"completed": "yes"}, headers=auth_headers())).status_code == 422
+    assert (
+        checked(client.patch(task_url + "/complete", json={"completed": "yes"}, headers=auth_headers())).status_code
+        == 422
+    )
     assert checked(client.get("/health")).status_code == 200
     assert checked(client.get("/health/ready")).status_code == 200
     deleted = checked(client.delete(task_url, headers=auth_headers()))
@@ -244,8 +307,12 @@ def test_unknown_urls_wrong_methods_options_and_head(client: Any) -> None:
     wrong = checked(client.delete(f"/api/{ALICE}/tasks", headers=auth_headers()))
     assert wrong.status_code == 405
     assert checked(client.post(f"/api/{ALICE}/tasks/1/complete", headers=auth_headers())).status_code == 405
-    options = checked(client.options(f"/api/{ALICE}/tasks/1", headers={
-        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "DELETE"}))
+    options = checked(
+        client.options(
+            f"/api/{ALICE}/tasks/1",
+            headers={"Origin": "http://localhost:3000", "Access-Control-Request-Method": "DELETE"},
+        )
+    )
     assert options.status_code == 200
     assert checked(client.head(f"/api/{ALICE}/tasks", headers=auth_headers())).status_code == 200
     assert checked(client.head("/health")).status_code == 200
@@ -253,8 +320,7 @@ def test_unknown_urls_wrong_methods_options_and_head(client: Any) -> None:
     rejects(unknown, "status 200 is not documented", status=200)
     rejects(unknown, "'detail' is a required property", body_bytes=b"{}")
     rejects(wrong, "Allow is", headers={**wrong.headers, "Allow": "GET, HEAD, OPTIONS"})
-    rejects(wrong, "required header Allow is missing",
-            headers={k: v for k, v in wrong.headers.items() if k != "Allow"})
+    rejects(wrong, "required header Allow is missing", headers={k: v for k, v in wrong.headers.items() if k != "Allow"})
     rejects(options, "Allow is", headers={**options.headers, "Allow": "GET, POST, OPTIONS"})
     rejects(options, "the body must be empty", body_bytes=b"{}")
 
@@ -262,21 +328,34 @@ def test_unknown_urls_wrong_methods_options_and_head(client: Any) -> None:
 def test_a_documented_route_the_app_lacks_fails_clearly() -> None:
     """A documented route that the app does not have answers 404: reported, not waved through."""
     with pytest.raises(AssertionError, match=r"GET /docs -> 404: status 404 is not documented"):
-        validate_response("GET", "/docs", 404, "application/json",
-                          b'{"detail": "The requested resource was not found."}',
-                          {"X-Request-ID": "x", "X-Content-Type-Options": "nosniff"})
+        validate_response(
+            "GET",
+            "/docs",
+            404,
+            "application/json",
+            b'{"detail": "The requested resource was not found."}',
+            {"X-Request-ID": "x", "X-Content-Type-Options": "nosniff"},
+        )
 
 
 def test_headers_on_every_response(client: Any) -> None:
     api = checked(client.get(f"/api/{ALICE}/tasks", headers={**auth_headers(), "X-Request-ID": "req-1"}))
     health = checked(client.get("/health"))
-    rejects(api, "required header X-Request-ID is missing",
-            headers={k: v for k, v in api.headers.items() if k != "X-Request-ID"})
+    rejects(
+        api,
+        "required header X-Request-ID is missing",
+        headers={k: v for k, v in api.headers.items() if k != "X-Request-ID"},
+    )
     rejects(api, "X-Request-ID", headers={**api.headers, "X-Request-ID": "has spaces"})
     rejects(health, "X-Content-Type-Options", headers={**health.headers, "X-Content-Type-Options": "sniff"})
-    rejects(api, "Cache-Control must be sent if and only if the path starts with '/api/'",
-            headers={k: v for k, v in api.headers.items() if k != "Cache-Control"})
-    rejects(health, "Cache-Control must be sent if and only if", headers={**health.headers, "Cache-Control": "no-store"})
+    rejects(
+        api,
+        "Cache-Control must be sent if and only if the path starts with '/api/'",
+        headers={k: v for k, v in api.headers.items() if k != "Cache-Control"},
+    )
+    rejects(
+        health, "Cache-Control must be sent if and only if", headers={**health.headers, "Cache-Control": "no-store"}
+    )
     unknown_api = checked(client.get(f"/api/{ALICE}"))
     assert unknown_api.status_code == 404 and unknown_api.headers["Cache-Control"] == "no-store"
 
@@ -303,6 +382,7 @@ def test_load_spec_returns_a_copy_the_checker_does_not_use() -> None:
 
 
 # --- the document and the code say the same ---------------------------------------------------------
+
 
 def _limit_locations(node: Any, pointer: str = "") -> Iterator[tuple[str, Any]]:
     """Every maxLength and maximum in the document, as (JSON pointer, value)."""
@@ -339,17 +419,25 @@ def _documented_422s() -> list[tuple[str, str, str, dict[str, Any], dict[str, An
     for path, item in spec["paths"].items():
         for method, operation in item.items():
             answer = operation.get("responses", {}).get("422") if isinstance(operation, dict) else None
-            for name, example in (answer or {}).get("content", {}).get("application/json", {}).get(
-                    "examples", {}).items():
+            for name, example in (
+                (answer or {}).get("content", {}).get("application/json", {}).get("examples", {}).items()
+            ):
                 found.append((method, path, name, example.get("x-request"), example["value"]))
     return found
 
 
-@pytest.mark.parametrize("method,path,name,sent,documented", _documented_422s(),
-                         ids=[f"{m} {p} {n}" for m, p, n, _, _ in _documented_422s()])
-def test_each_documented_422_is_the_live_answer_to_its_request(client: Any, new_task: Any, method: str, path: str,
-                                                               name: str, sent: dict[str, Any] | None,
-                                                               documented: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "method,path,name,sent,documented", _documented_422s(), ids=[f"{m} {p} {n}" for m, p, n, _, _ in _documented_422s()]
+)
+def test_each_documented_422_is_the_live_answer_to_its_request(
+    client: Any,
+    new_task: Any,
+    method: str,
+    path: str,
+    name: str,
+    sent: dict[str, Any] | None,
+    documented: dict[str, Any],
+) -> None:
     assert sent is not None, f"the example {name!r} does not say which request it answers (x-request)"
     url = path.format(user_id=ALICE, task_id=new_task()["id"])
     if "query" in sent:

@@ -50,8 +50,12 @@ def test_expired_token_message_says_so(client: Any) -> None:
 def test_a_verified_token_is_checked_once_then_remembered(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     checks: list[str] = []
     real_decode = auth._decode
-    monkeypatch.setattr(auth, "_decode", lambda token, *args, **kwargs: checks.append(token) or
-                        real_decode(token, *args, **kwargs))
+
+    def counted_decode(token: str, *args: Any, **kwargs: Any) -> Any:
+        checks.append(token)
+        return real_decode(token, *args, **kwargs)
+
+    monkeypatch.setattr(auth, "_decode", counted_decode)
     headers = auth_headers(ALICE)
     for _ in range(3):
         assert client.get(f"/api/{ALICE}/tasks", headers=headers).status_code == 200
