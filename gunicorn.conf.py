@@ -11,7 +11,9 @@ if not (os.environ.get("BETTER_AUTH_SECRET") or os.environ.get("BETTER_AUTH_URL"
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY") or 2 * (os.cpu_count() or 1))
-worker_class = "gthread"
+# gthread, except that a thread only ever gets a whole request: slow clients wait on the worker's
+# poller, each under a deadline, instead of holding a thread (server.py, README: Production).
+worker_class = "server.RequestBufferingWorker"
 threads = int(os.environ.get("GUNICORN_THREADS") or 4)
 # The master builds the app once (configuration checked, schema created, before any worker starts)
 # and forks the workers from it: 59 MB RSS per worker instead of 69 (README, Performance). No database
