@@ -1,4 +1,5 @@
-"""gunicorn, made safe from slow clients: a gthread worker that buffers each request on its poller."""
+"""gunicorn, made safe from slow clients (a gthread worker that buffers each request on its poller), and
+the number of workers this machine can carry."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import enum
 import errno
 import json
 import math
+import os
 import socket
 import sys
 import time
@@ -13,6 +15,7 @@ from collections import deque
 from concurrent.futures import Future
 from functools import partial
 from http import HTTPStatus
+from pathlib import Path
 from selectors import EVENT_READ
 from typing import Any, Callable
 
@@ -37,7 +40,75 @@ CHUNK_LINE_LIMIT = 8192
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 64 * 1024
 RECV_SIZE = 64 * 1024
+# 8 workers x (DB_POOL_SIZE 5 + DB_MAX_OVERFLOW 5) = 80 connections, under Neon's ~97 direct ones.
+MAX_DEFAULT_WORKERS = 8
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+# --- how many workers ------------------------------------------------------------------------------
+
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+    """The CPUs this process may use: its CPU affinity, lowered by a cgroup CPU quota (rounded up)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root, proc_cgroup)
+    if quota is not None:
+        cpus = min(cpus, math.ceil(quota))
+    return max(1, cpus)
+
+
+def default_workers(cpus: int | None = None) -> int:
+    """gunicorn's 2 x CPUs, for the CPUs this process may use, at most MAX_DEFAULT_WORKERS."""
+    return max(1, min(MAX_DEFAULT_WORKERS, 2 * (usable_cpus() if cpus is None else cpus)))
+
+
+def cgroup_cpu_quota(cgroup_root: Path, proc_cgroup: Path) -> float | None:
+    """The tightest CPU quota, in CPUs, of this process's cgroup and its ancestors (v2 or v1); None: none."""
+    quotas = [quota for directory in _cgroup_directories(cgroup_root, proc_cgroup)
+              if (quota := _quota_in(directory)) is not None]
+    return min(quotas, default=None)
+
+
+def _cgroup_directories(cgroup_root: Path, proc_cgroup: Path) -> list[Path]:
+    """The cgroup folders that may limit this process's CPU: its own and its ancestors, v2 and v1."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    # Inside a container the mounted hierarchy usually starts at the container's own cgroup, while
+    # /proc/self/cgroup may still name the host's path: the mount root itself is always a candidate.
+    found: list[Path] = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            bases = [cgroup_root]  # v2: the unified hierarchy
+        elif "cpu" in controllers.split(","):
+            bases = [cgroup_root / "cpu", cgroup_root / "cpu,cpuacct"]
+        else:
+            continue
+        parts = [part for part in path.strip("/").split("/") if part and part != ".."]
+        for base in bases:
+            found += [base.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
+    found += [cgroup_root, cgroup_root / "cpu", cgroup_root / "cpu,cpuacct"]
+    unique = list(dict.fromkeys(found))
+    return [directory for directory in unique if directory.is_dir()]
+
+
+def _quota_in(directory: Path) -> float | None:
+    """The CPU quota set in one cgroup folder, in CPUs; None when it sets none."""
+    try:
+        quota, period = (directory / "cpu.max").read_text().split()[:2]  # v2: "max 100000" or "150000 100000"
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((directory / "cpu.cfs_quota_us").read_text())  # v1: -1 when unlimited
+        period_us = int((directory / "cpu.cfs_period_us").read_text())
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 # --- where a request ends ---------------------------------------------------------------------------

@@ -1,10 +1,115 @@
-"""Tests of server.py without a server: where a request ends."""
+"""Tests of server.py without a server: the CPU count and worker default, and where a request ends."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+import server
 from server import RequestScanner, Verdict
+
+ROOT = Path(__file__).resolve().parent
+
+
+# --- usable CPUs and the default worker count ------------------------------------------------------
+
+@pytest.fixture
+def eight_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
+
+
+def cgroup(tmp_path: Path, own_path: str, files: dict[str, str], *, v1: bool = False) -> tuple[Path, Path]:
+    """A fake cgroup mount (files relative to it) and a /proc/self/cgroup naming own_path."""
+    root = tmp_path / "sys-fs-cgroup"
+    root.mkdir()
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text(f"4:cpu,cpuacct:{own_path}\n2:memory:{own_path}\n" if v1 else f"0::{own_path}\n")
+    return root, proc
+
+
+@pytest.mark.usefixtures("eight_cpus")
+@pytest.mark.parametrize(("cpu_max", "expected"), [
+    ("max 100000\n", 8),  # no quota: the affinity
+    ("100000 100000\n", 1),
+    ("150000 100000\n", 2),  # a fractional quota is rounded up
+    ("50000 100000\n", 1),  # and never below one CPU
+    ("400000 100000\n", 4),
+    ("1600000 100000\n", 8),  # a quota above the affinity does not add CPUs
+])
+def test_a_cgroup_v2_quota_lowers_the_cpu_count(tmp_path: Path, cpu_max: str, expected: int) -> None:
+    root, proc = cgroup(tmp_path, "/", {"cpu.max": cpu_max})
+    assert server.usable_cpus(root, proc) == expected
+
+
+@pytest.mark.usefixtures("eight_cpus")
+def test_the_tightest_quota_of_the_cgroup_and_its_ancestors_counts(tmp_path: Path) -> None:
+    # systemd's slices: the service's own cgroup sets nothing, its slice sets 2 CPUs.
+    root, proc = cgroup(tmp_path, "/system.slice/tasks.service", {
+        "cpu.max": "max 100000", "system.slice/cpu.max": "200000 100000",
+        "system.slice/tasks.service/cpu.max": "max 100000"})
+    assert server.usable_cpus(root, proc) == 2
+
+
+@pytest.mark.usefixtures("eight_cpus")
+def test_a_container_sees_its_own_cgroup_at_the_mount_root(tmp_path: Path) -> None:
+    # Without a cgroup namespace /proc/self/cgroup names the host's path, which the container's mount lacks.
+    root, proc = cgroup(tmp_path, "/docker/0123abcd", {"cpu.max": "100000 100000"})
+    assert server.usable_cpus(root, proc) == 1
+
+
+@pytest.mark.usefixtures("eight_cpus")
+@pytest.mark.parametrize(("quota", "period", "expected"), [("-1", "100000", 8), ("250000", "100000", 3),
+                                                           ("100000", "100000", 1)])
+def test_a_cgroup_v1_quota_lowers_the_cpu_count(tmp_path: Path, quota: str, period: str, expected: int) -> None:
+    root, proc = cgroup(tmp_path, "/", {"cpu/cpu.cfs_quota_us": quota, "cpu/cpu.cfs_period_us": period}, v1=True)
+    assert server.usable_cpus(root, proc) == expected
+
+
+@pytest.mark.usefixtures("eight_cpus")
+def test_no_cgroup_files_means_the_affinity(tmp_path: Path) -> None:
+    assert server.usable_cpus(tmp_path / "missing", tmp_path / "missing-too") == 8
+    root, proc = cgroup(tmp_path, "/", {"cpu.max": "garbage"})
+    assert server.usable_cpus(root, proc) == 8
+
+
+def test_the_affinity_counts_not_the_hosts_cpus(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert server.usable_cpus(tmp_path / "none", tmp_path / "none") == 1
+
+
+@pytest.mark.parametrize(("cpus", "workers"), [(1, 2), (2, 4), (4, 8), (5, 8), (64, 8)])
+def test_default_workers_is_two_per_cpu_at_most_eight(cpus: int, workers: int) -> None:
+    assert server.default_workers(cpus) == workers
+
+
+def conf_workers(env: dict[str, str], prefix: list[str] | None = None) -> int:
+    """The `workers` gunicorn.conf.py computes in a fresh process with env (and a command prefix)."""
+    full_env = {key: value for key, value in os.environ.items() if key != "WEB_CONCURRENCY"}
+    full_env.update({"BETTER_AUTH_SECRET": "test-" + "x" * 40, **env})
+    code = "import runpy, sys; print(runpy.run_path(sys.argv[1])['workers'])"
+    result = subprocess.run([*(prefix or []), sys.executable, "-c", code, str(ROOT / "gunicorn.conf.py")],
+                            cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.split()[-1])
+
+
+def test_gunicorn_conf_uses_the_default_and_web_concurrency_overrides_it() -> None:
+    assert conf_workers({}) == server.default_workers()
+    assert conf_workers({"WEB_CONCURRENCY": "3"}) == 3
+
+
+@pytest.mark.skipif(not shutil.which("taskset"), reason="taskset is not installed")
+def test_pinned_to_one_cpu_gunicorn_starts_two_workers() -> None:
+    assert conf_workers({}, prefix=["taskset", "-c", "0"]) == 2
 
 
 # --- where a request ends ----------------------------------------------------------------------
