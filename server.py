@@ -1,5 +1,5 @@
-"""gunicorn, made safe from slow clients (a gthread worker that buffers each request on its poller), and
-the number of workers this machine can carry."""
+"""gunicorn, made safe from slow clients (a gthread worker that buffers each request on its poller), JSON
+for gunicorn's own error answers, and the number of workers this machine can carry."""
 
 from __future__ import annotations
 
@@ -229,7 +229,7 @@ class RequestScanner:
             self._chunk_at = chunk_end
 
 
-# --- this worker's own answers, as JSON ----------------------------------------------------------------
+# --- gunicorn's own answers, as JSON ----------------------------------------------------------------
 
 def error_detail(status: int, cfg: Config) -> str:
     """The sentence for an answer gunicorn (or this worker) gives before the app sees the request."""
@@ -254,6 +254,27 @@ def json_error(status: int, detail: str) -> bytes:
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             "X-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\n\r\n")
     return head.encode("latin-1") + body
+
+
+class _CapturedWrites:
+    """The client's socket as gunicorn's handle_error sees it: what it writes is kept, not sent."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        """Wrap sock; every other attribute is the socket's own."""
+        self.sock = sock
+        self.written = bytearray()
+
+    def sendall(self, data: bytes, flags: int = 0) -> None:
+        """Keep the bytes (gunicorn's HTML page) instead of sending them."""
+        self.written += data
+
+    def status(self) -> int:
+        """The status of the response gunicorn wrote; 500 if it wrote none."""
+        parts = bytes(self.written[:64]).split(b" ", 2)
+        return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 500
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
 
 
 # --- reads and writes of a thread, bounded ----------------------------------------------------------
@@ -474,6 +495,16 @@ class RequestBufferingWorker(ThreadWorker):
         if not conn.body_complete:
             return False
         return super()._keepalive_after(conn, keepalive)
+
+    def handle_error(self, req: Any, client: socket.socket, addr: Any, exc: BaseException) -> None:
+        """gunicorn's answer to a request it cannot parse or serve (status, log line), with a JSON body."""
+        captured = _CapturedWrites(client)
+        super().handle_error(req, captured, addr, exc)  # type: ignore[arg-type]
+        status = captured.status()
+        try:
+            util.write_nonblock(client, json_error(status, error_detail(status, self.cfg)))
+        except Exception:  # noqa: BLE001 - as gunicorn: the client may be gone
+            self.log.debug("Failed to send error message.")
 
     # -- after a request, on the main thread --
 

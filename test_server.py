@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -200,3 +201,16 @@ def test_expect_100_continue_is_noted_while_the_body_is_missing() -> None:
     assert verdicts == [Verdict.WAIT] and not scanner.expects_continue  # HTTP/1.0 clients do not wait for it
     scanner, verdicts = feed(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc")
     assert verdicts == [Verdict.READY]
+
+
+def test_gunicorns_answers_are_json_with_a_sentence_and_never_the_clients_bytes() -> None:
+    from gunicorn.config import Config
+
+    for status in (400, 413, 414, 417, 431, 500, 501, 418):
+        response = server.json_error(status, server.error_detail(status, Config()))
+        head, _, body = response.partition(b"\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {status} ".encode())
+        assert b"Content-Type: application/json" in head and b"Connection: close" in head
+        assert f"Content-Length: {len(body)}".encode() in head
+        detail = json.loads(body)["detail"]
+        assert detail and detail[0].isupper()

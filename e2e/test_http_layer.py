@@ -1,5 +1,5 @@
-"""gunicorn's own layer, run as production runs it: a slow client holds no worker thread (README:
-Production)."""
+"""gunicorn's own layer, run as production runs it: its answers to requests it cannot parse are JSON
+(README: Errors), and a slow client holds no worker thread (README: Production)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from helpers import SECRET, Gunicorn, http_get
 import server
 
 pytestmark = pytest.mark.timeout(120)
+
+ORIGIN = "http://localhost:3000"  # allowed by the service's default CORS_ORIGINS
+
 
 def bearer(user: str) -> bytes:
     claims = {"sub": user, "iat": int(time.time()), "exp": int(time.time()) + 600}
@@ -46,6 +49,38 @@ def exchange(port: int, data: bytes, timeout: float = 10) -> tuple[int, dict[str
     lines = head.decode("latin-1").split("\r\n")
     headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
     return int(lines[0].split()[1]), headers, body
+
+
+def request(line: bytes, *headers: bytes) -> bytes:
+    return line + b"\r\nHost: x\r\nOrigin: " + ORIGIN.encode() + b"\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n"
+
+
+CASES = {
+    "URL over 4,094 bytes": (request(b"GET /" + b"a" * 5000 + b" HTTP/1.1"), 414),
+    "header over 8,190 bytes": (request(b"GET /health HTTP/1.1", b"X-Big: " + b"b" * 9000), 431),
+    "more than 100 headers": (request(b"GET /health HTTP/1.1", *(b"X-%d: c" % i for i in range(101))), 431),
+    "head over 64 KiB": (request(b"GET /health HTTP/1.1", *(b"X-%d: " % i + b"d" * 8000 for i in range(9))), 431),
+    "raw UTF-8 in the path": (request("GET /api/é/tasks HTTP/1.1".encode()), 400),
+    "lower-case method": (request(b"get /health HTTP/1.1"), 400),
+    "bare LF line ends": (b"GET /health HTTP/1.1\nHost: x\n\n", 400),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gunicorns_own_answers_are_json_with_a_detail(gunicorn: Gunicorn, case: str) -> None:
+    data, expected = CASES[case]
+    status, headers, body = exchange(gunicorn.port, data)
+    assert status == expected, (status, body)
+    assert headers["content-type"] == "application/json"
+    assert int(headers["content-length"]) == len(body)
+    assert headers["connection"] == "close"
+    document = json.loads(body)
+    assert list(document) == ["detail"] and document["detail"].endswith(".")
+    # No CORS headers (the request was not parsed, so its Origin is unknown), and no echo of the client's bytes.
+    assert not any(name.startswith("access-control-") for name in headers)
+    for echo in (b"aaaa", b"bbbb", b"X-1", b"\xc3\xa9", b"get "):
+        assert echo not in body
+    assert "Invalid request from ip=127.0.0.1" in gunicorn.log()
 
 
 def test_a_half_sent_request_holds_no_thread_and_is_closed_at_the_deadline(gunicorn: Gunicorn) -> None:
