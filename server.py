@@ -391,8 +391,8 @@ class RequestBufferingWorker(ThreadWorker):
         """Refuse what this worker cannot buffer: TLS, HTTP/2 and uwsgi are read by gthread's threads only."""
         super().check_config(cfg, log)
         if cfg.is_ssl or cfg.http2_cleartext != "off" or cfg.protocol != "http":
-            sys.exit("Refusing to start: server.RequestBufferingWorker speaks plain HTTP/1.1 only; terminate "
-                     "TLS and HTTP/2 in a proxy in front of it.")
+            sys.exit("Refusing to start: server.RequestBufferingWorker speaks plain HTTP/1.1 only (no TLS, HTTP/2 "
+                     "or uwsgi); terminate TLS and HTTP/2 in a proxy in front of it.")
 
     # -- accepting and reading, on the main thread --
 
@@ -570,6 +570,7 @@ class RequestBufferingWorker(ThreadWorker):
             return
         self._unwatch(conn)
         conn.state = _State.CLOSED
+        conn.scanner = None  # the deadline queues may hold conn a while longer; its bytes need not wait
         self.nr_conns -= 1
         if reset:
             try:
