@@ -35,6 +35,9 @@ SEND_TIMEOUT = 10.0
 HEAD_LIMIT = 64 * 1024
 # gunicorn's own bound on a chunk-size line.
 CHUNK_LINE_LIMIT = 8192
+# The app reads a chunked body up to the limit and a little more (werkzeug one byte past
+# MAX_CONTENT_LENGTH, gunicorn's reader up to 1 KiB ahead); with this much more here it needs no more.
+CHUNKED_SLACK = 8 * 1024
 # A closed connection's unread bytes are drained for this long (and at most LINGER_BYTES) so that the
 # kernel does not answer them with a reset that could destroy the response (as gunicorn's close_graceful).
 LINGER_SECONDS = 2.0
@@ -118,9 +121,10 @@ class Verdict(enum.Enum):
 
     WAIT = "wait"  # more bytes are needed before gunicorn can parse the request without waiting
     READY = "ready"  # the whole request (head and body) is here
-    REFUSED_AT_ONCE = "refused at once"  # gunicorn or the app answers without the rest (bad framing, 413)
+    # Enough is here for gunicorn or the app to answer (bad framing, a body over the limit): the rest is
+    # never waited for, and the connection is closed after the answer.
+    HAND_OVER_NOW = "hand over now"
     HEAD_TOO_LARGE = "head too large"  # no end of the head within HEAD_LIMIT: 431
-    BODY_TOO_LARGE = "body too large"  # a chunked body over the limit: 413
 
 
 class RequestScanner:
@@ -157,7 +161,7 @@ class RequestScanner:
         lf = data.find(b"\n", self._searched, limit)
         while lf >= 0:
             if lf == 0 or data[lf - 1] != 0x0D:
-                return Verdict.REFUSED_AT_ONCE  # a bare LF: gunicorn refuses it without reading more
+                return Verdict.HAND_OVER_NOW  # a bare LF: gunicorn refuses it without reading more
             lf = data.find(b"\n", lf + 1, limit)
         self._searched = len(data)
         if end < 0:
@@ -181,20 +185,20 @@ class RequestScanner:
         if codings:
             last = b",".join(codings).split(b",")[-1].strip(b" \t").lower()
             if lengths or last != b"chunked":
-                return Verdict.REFUSED_AT_ONCE  # gunicorn answers 400 or 501 without reading a body
+                return Verdict.HAND_OVER_NOW  # gunicorn answers 400 or 501 without reading a body
             self._chunk_at = self._body_start
         elif lengths:
             if len(lengths) > 1 or not lengths[0].isdigit():
-                return Verdict.REFUSED_AT_ONCE  # gunicorn answers 400
+                return Verdict.HAND_OVER_NOW  # gunicorn answers 400
             if len(lengths[0]) > 18 or int(lengths[0]) > self.body_limit:
-                return Verdict.REFUSED_AT_ONCE  # the app answers 413 from Content-Length alone
+                return Verdict.HAND_OVER_NOW  # the app answers 413 from Content-Length alone
             self._body_end = self._body_start + int(lengths[0])
         else:
             self._body_end = self._body_start
         expect = [value.lower() for value in fields.get(b"expect", [])]
         if expect and (self._chunk_at >= 0 or self._body_end > len(self.data)):
             if expect != [b"100-continue"]:
-                return Verdict.REFUSED_AT_ONCE  # gunicorn answers 417
+                return Verdict.HAND_OVER_NOW  # gunicorn answers 417
             self.expects_continue = request_line.endswith(b" HTTP/1.1")
         return None
 
@@ -205,10 +209,10 @@ class RequestScanner:
             at = self._chunk_at
             line_end = data.find(b"\r\n", at)
             if line_end < 0:
-                return Verdict.REFUSED_AT_ONCE if len(data) - at > CHUNK_LINE_LIMIT else Verdict.WAIT
+                return Verdict.HAND_OVER_NOW if len(data) - at > CHUNK_LINE_LIMIT else Verdict.WAIT
             size_text = data[at:line_end].split(b";", 1)[0].rstrip(b" \t")
             if not size_text or size_text.strip(b"0123456789abcdefABCDEF"):
-                return Verdict.REFUSED_AT_ONCE  # gunicorn answers 400 when it reads the body
+                return Verdict.HAND_OVER_NOW  # gunicorn answers 400 when it reads the body
             size = int(size_text, 16) if len(size_text) <= 16 else self.body_limit + 1
             if size == 0:
                 trailers = line_end + 2
@@ -216,15 +220,16 @@ class RequestScanner:
                     return Verdict.READY
                 if data.find(b"\r\n\r\n", trailers) >= 0:
                     return Verdict.READY
-                return Verdict.HEAD_TOO_LARGE if len(data) - trailers > self.head_limit else Verdict.WAIT
+                return Verdict.HAND_OVER_NOW if len(data) - trailers > self.head_limit else Verdict.WAIT
+            here = min(size, len(data) - line_end - 2)  # this chunk's data received so far
             framing = line_end + 2 - self._body_start - self._chunked_bytes
-            if self._chunked_bytes + size > self.body_limit or framing > self.body_limit:
-                return Verdict.BODY_TOO_LARGE
+            if self._chunked_bytes + here > self.body_limit + CHUNKED_SLACK or framing > self.body_limit:
+                return Verdict.HAND_OVER_NOW  # the app reads no further than this before its 413
             chunk_end = line_end + 2 + size + 2
             if len(data) < chunk_end:
                 return Verdict.WAIT
             if data[chunk_end - 2:chunk_end] != b"\r\n":
-                return Verdict.REFUSED_AT_ONCE  # gunicorn answers 400 when it reads the body
+                return Verdict.HAND_OVER_NOW  # gunicorn answers 400 when it reads the body
             self._chunked_bytes += size
             self._chunk_at = chunk_end
 
@@ -236,7 +241,6 @@ def error_detail(status: int, cfg: Config) -> str:
     details = {
         400: "The request is not valid HTTP/1.1.",
         403: "The request is not allowed.",
-        413: f"The request body is too large; the limit is {BODY_LIMIT // 1024} KiB.",
         414: f"The URL is too long: the request line may be at most {cfg.limit_request_line:,} bytes.",
         417: "The Expect header is not supported, except for 100-continue.",
         431: (f"The request headers are too large: at most {cfg.limit_request_fields} headers of at most "
@@ -283,7 +287,8 @@ class DeadlineUnreader(SocketUnreader):
     """gunicorn's socket reader, except that a read that would wait past the request's deadline finds EOF.
 
     The worker hands a thread only whole requests, so the parser normally reads from the buffer alone;
-    this is what bounds a thread if a request's framing ever fooled the RequestScanner.
+    this is what bounds a thread if a request's framing ever fooled the RequestScanner. For a body the
+    worker did not wait for, the deadline has passed already: its reads find EOF at once.
     """
 
     deadline = math.inf
@@ -448,12 +453,11 @@ class RequestBufferingWorker(ThreadWorker):
                     conn.sock.send(CONTINUE)
                 except OSError:
                     self._close(conn)
-        elif verdict in (Verdict.READY, Verdict.REFUSED_AT_ONCE):
+        elif verdict in (Verdict.READY, Verdict.HAND_OVER_NOW):
             self._hand_over(conn, complete=verdict is Verdict.READY)
         else:
-            status = 431 if verdict is Verdict.HEAD_TOO_LARGE else 413
             self.log.warning("Invalid request from ip=%s: %s", _ip(conn), verdict.value)
-            self._answer_and_close(conn, status)
+            self._answer_and_close(conn, 431)
 
     def _hand_over(self, conn: ClientConnection, *, complete: bool) -> None:
         """Give the buffered request to a thread: its bytes go into the parser's buffer first."""
@@ -464,7 +468,8 @@ class RequestBufferingWorker(ThreadWorker):
         if conn.parser is None:
             conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)
             conn.parser.unreader = DeadlineUnreader(conn.sock)
-        conn.parser.unreader.deadline = conn.deadline
+        # The rest of a body not waited for is not waited for in the thread either: its reads find EOF.
+        conn.parser.unreader.deadline = conn.deadline if complete else -math.inf
         conn.parser.unreader.unread(bytes(conn.scanner.data))
         conn.scanner = None
         conn.data_ready = True  # gthread's handle() must not wait for data: it is all here
@@ -491,7 +496,7 @@ class RequestBufferingWorker(ThreadWorker):
             conn.sock = sock
 
     def _keepalive_after(self, conn: ClientConnection, keepalive: bool) -> bool:
-        """Close, rather than drain, a connection whose body was not waited for (413 from Content-Length)."""
+        """Close, rather than drain, a connection whose body was not waited for (one over the limit, say)."""
         if not conn.body_complete:
             return False
         return super()._keepalive_after(conn, keepalive)
@@ -532,7 +537,7 @@ class RequestBufferingWorker(ThreadWorker):
                 self._watch(conn, self.on_client_socket_readable)
 
     def _answer_and_close(self, conn: ClientConnection, status: int) -> None:
-        """Answer a request this worker refuses itself (431, 413) without a thread, then close."""
+        """Answer a request this worker refuses itself (431) without a thread, then close."""
         try:
             conn.sock.send(json_error(status, error_detail(status, self.cfg)))
         except OSError:

@@ -144,3 +144,12 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(gunicorn: Gunic
         while chunk := sock.recv(65536):
             received += chunk
     assert received.startswith(b"HTTP/1.1 201 ") and b"100 Continue" not in received
+
+
+def test_a_chunked_body_over_the_limit_gets_the_apps_413_without_waiting_for_the_rest(gunicorn: Gunicorn) -> None:
+    # 80 KiB announced in one chunk, 76 KiB of it sent: enough for the app to refuse it, never finished.
+    status, headers, body = exchange(gunicorn.port, b"POST /api/a/tasks HTTP/1.1\r\nHost: x\r\n" + bearer("a") +
+                                     b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                     + b"%x\r\n" % (80 * 1024) + b"x" * (76 * 1024), timeout=5)
+    assert status == 413 and headers["connection"] == "close", (status, body)
+    assert headers["x-request-id"]  # the app's answer, not the HTTP layer's
