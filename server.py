@@ -130,7 +130,8 @@ class Verdict(enum.Enum):
 class RequestScanner:
     """Follows one request's bytes as they arrive and says when all of it is here, framed as gunicorn frames it."""
 
-    def __init__(self, body_limit: int = BODY_LIMIT, head_limit: int = HEAD_LIMIT) -> None:
+    # The app reads a body up to one byte past BODY_LIMIT (its MAX_CONTENT_LENGTH) to see that it is too large.
+    def __init__(self, body_limit: int = BODY_LIMIT + 1, head_limit: int = HEAD_LIMIT) -> None:
         """An empty buffer, waiting for a request head."""
         self.data = bytearray()
         self.body_limit = body_limit
@@ -278,6 +279,7 @@ class _CapturedWrites:
         return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 500
 
     def __getattr__(self, name: str) -> Any:
+        """Everything else is the socket's own."""
         return getattr(self.sock, name)
 
 
@@ -317,6 +319,7 @@ class _TimedWrites:
         self.deadline: float | None = None
 
     def _arm(self) -> None:
+        """Give the next write what is left of the response's time."""
         # settimeout bounds each call; the deadline bounds them all (a head, then a body, ...).
         if self.deadline is None:
             self.deadline = time.monotonic() + SEND_TIMEOUT
@@ -341,12 +344,15 @@ class _TimedWrites:
         return self.sock.sendfile(file, offset, count)
 
     def __getattr__(self, name: str) -> Any:
+        """Everything else is the socket's own."""
         return getattr(self.sock, name)
 
 
 # --- the worker -------------------------------------------------------------------------------------
 
 class _State(enum.Enum):
+    """Where a connection is."""
+
     READING = "reading"  # on the poller, its request arriving
     BUSY = "busy"  # a thread serves it
     IDLE = "idle"  # kept alive between requests (gunicorn's keepalived_conns)

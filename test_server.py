@@ -138,6 +138,12 @@ def test_a_body_is_waited_for_up_to_its_content_length() -> None:
     assert verdicts == [Verdict.WAIT, Verdict.WAIT, Verdict.WAIT, Verdict.READY]
 
 
+def test_a_body_one_byte_over_the_limit_is_waited_for_as_the_app_reads_it_to_refuse_it() -> None:
+    head = b"POST /api/a/tasks HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+    assert RequestScanner().feed(head % (server.BODY_LIMIT + 1)) is Verdict.WAIT  # MAX_CONTENT_LENGTH
+    assert RequestScanner().feed(head % (server.BODY_LIMIT + 2)) is Verdict.HAND_OVER_NOW  # refused unread
+
+
 def test_a_pipelined_request_stays_in_the_buffer_for_later() -> None:
     first = b"POST /a HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi"
     scanner, verdicts = feed(first + b"GET /b HTTP/1.1\r\n")
