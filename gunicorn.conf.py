@@ -3,15 +3,24 @@
 import gc
 import os
 import sys
+from pathlib import Path
 
 # Refuse to start, in one sentence, rather than boot workers that would all fail the same way.
 if not (os.environ.get("BETTER_AUTH_SECRET") or os.environ.get("BETTER_AUTH_URL") or os.environ.get("JWKS_URL")):
     sys.exit("Refusing to start: set BETTER_AUTH_SECRET (the secret your Better Auth frontend signs tokens "
              "with) or BETTER_AUTH_URL (to verify its jwt plugin's tokens with its JWKS).")
 
+# server.py sits beside this file; gunicorn reads this file before it puts its folder on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from server import default_workers  # noqa: E402
+
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
-workers = int(os.environ.get("WEB_CONCURRENCY") or 2 * (os.cpu_count() or 1))
-worker_class = "gthread"
+# 2 x the CPUs this process may use (affinity, cgroup quota), not the host's, and at most 8: each worker
+# holds up to DB_POOL_SIZE + DB_MAX_OVERFLOW database connections (README: Configuration).
+workers = int(os.environ.get("WEB_CONCURRENCY") or default_workers())
+# gthread, except that a thread only ever gets a whole request: slow clients wait on the worker's
+# poller, each under a deadline, instead of holding a thread (server.py, README: Production).
+worker_class = "server.RequestBufferingWorker"
 threads = int(os.environ.get("GUNICORN_THREADS") or 4)
 # The master builds the app once (configuration checked, schema created, before any worker starts)
 # and forks the workers from it: 59 MB RSS per worker instead of 69 (README, Performance). No database

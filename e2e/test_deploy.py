@@ -160,11 +160,11 @@ def test_the_image_gets_every_file_the_service_needs_and_no_test_or_secret() -> 
     def shipped(name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, source) for source in sources) and not dockerignore_excludes(name)
 
-    # The modules app.py imports, transitively, and the files they open next to themselves
-    # (Path(__file__).with_name("x") or Path(__file__).parent / "x").
+    # The modules app.py and gunicorn.conf.py import, transitively, and the files they open next to
+    # themselves (Path(__file__).with_name("x") or Path(__file__).parent / "x").
     local = {path.stem for path in REPO.glob("*.py")}
     needed = {"app.py", "gunicorn.conf.py"}
-    queue = [REPO / "app.py"]
+    queue = [REPO / "app.py", REPO / "gunicorn.conf.py"]
     while queue:
         for node in ast.walk(ast.parse(queue.pop().read_text())):
             modules = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
@@ -181,7 +181,7 @@ def test_the_image_gets_every_file_the_service_needs_and_no_test_or_secret() -> 
             if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and "__file__" in ast.unparse(node.left)
                     and isinstance(node.right, ast.Constant) and isinstance(node.right.value, str)):
                 needed.add(node.right.value)
-    assert {"auth.py", "errors.py", "models.py", "validation.py"} <= needed
+    assert {"auth.py", "errors.py", "models.py", "validation.py", "server.py"} <= needed
     missing = sorted(name for name in needed if not shipped(name))
     assert not missing, f"not copied into the image: {missing}"
     assert shipped("requirements.txt")
@@ -259,7 +259,9 @@ def test_procfile_starts_the_same_gunicorn_configuration() -> None:
               (line.partition("=") for line in result.stdout.splitlines())}
     assert config["config"] == "./gunicorn.conf.py"
     assert config["bind"] == "['0.0.0.0:8123']"
-    assert (config["workers"], config["threads"], config["worker_class"]) == ("3", "5", "gthread")
+    assert (config["workers"], config["threads"]) == ("3", "5")
+    # gthread, buffering each request on its poller so that slow clients hold no thread (server.py).
+    assert config["worker_class"] == "server.RequestBufferingWorker"
     assert config["graceful_timeout"] == str(GRACEFUL_TIMEOUT)
     # The app writes the access line itself (README: Logs); gunicorn's would repeat it.
     assert config["accesslog"] == "None"

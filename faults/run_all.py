@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run the fault scenarios (all, or the numbers given), one process each, each bounded in time.
 
-    .venv/bin/python faults/run_all.py          # all ten
+    .venv/bin/python faults/run_all.py          # all eleven
     .venv/bin/python faults/run_all.py 1 8      # scenarios 1 and 8
 
 Prints each scenario's one line, then "N passed, M failed"; exits 1 if any scenario failed.
@@ -34,6 +34,7 @@ SCENARIOS = {
     8: ("s08_fuzz.py", 450),
     9: ("s09_token_attacks.py", 270),
     10: ("s10_secrets_leaks.py", 150),
+    11: ("s11_slow_clients.py", 150),
 }
 
 

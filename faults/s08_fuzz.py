@@ -11,8 +11,8 @@ where the request is exact enough to predict it; bodies of the documented shape;
 but the token's; X-Request-ID echoed only when harmless; no CORS grant to a foreign origin. After the
 run: the service is healthy, another user's tasks are byte-for-byte unchanged, and its log has no error.
 
-Requests that gunicorn's HTTP parser itself refuses (HTML 400/414/431 pages, before the application)
-are not generated here: scenario 9 covers those (4xx required there).
+Requests that gunicorn's HTTP parser itself refuses (its JSON 400/414/431 answers, before the
+application) are not generated here: scenarios 9 and 10 cover those (4xx required there).
 """
 
 from __future__ import annotations
