@@ -1,14 +1,10 @@
-"""gunicorn settings for production (Procfile, Dockerfile) and the benchmark (README: Performance)."""
+"""gunicorn settings for production (Procfile, Dockerfile) and the benchmark; the measurements behind
+them are in bench/README.md."""
 
 import gc
 import os
 import sys
 from pathlib import Path
-
-# Refuse to start, in one sentence, rather than boot workers that would all fail the same way.
-if not (os.environ.get("BETTER_AUTH_SECRET") or os.environ.get("BETTER_AUTH_URL") or os.environ.get("JWKS_URL")):
-    sys.exit("Refusing to start: set BETTER_AUTH_SECRET (the secret your Better Auth frontend signs tokens "
-             "with) or BETTER_AUTH_URL (to verify its jwt plugin's tokens with its JWKS).")
 
 # server.py sits beside this file; gunicorn reads this file before it puts its folder on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -23,15 +19,14 @@ workers = int(os.environ.get("WEB_CONCURRENCY") or default_workers())
 worker_class = "server.RequestBufferingWorker"
 threads = int(os.environ.get("GUNICORN_THREADS") or 4)
 # The master builds the app once (configuration checked, schema created, before any worker starts)
-# and forks the workers from it: 59 MB RSS per worker instead of 69 (README, Performance). No database
-# connection crosses the fork: the master closes its own before forking (models.py).
+# and forks the workers from it, which share its memory. No database connection crosses the fork:
+# the master closes its own before forking (db.py).
 preload_app = True
-# Each worker listens on its own SO_REUSEPORT socket and the kernel spreads new connections evenly.
-# On a shared socket, the worker that wakes first accepts a whole burst of keep-alive connections
-# (measured: 32 of 32, or 24/4/3/1) and serves them on one core while the others idle. The costs:
-# connections still queued on a worker's socket are reset when that worker exits (timeout, HUP); a
-# stalled worker keeps getting its share of new connections; and a second server started by the same
-# user on the same port shares the traffic instead of failing. GUNICORN_REUSE_PORT=0 turns it off.
+# Each worker listens on its own SO_REUSEPORT socket and the kernel spreads new connections evenly; on
+# a shared socket the worker that wakes first accepts whole bursts of keep-alive connections. The
+# costs: connections still queued on a worker's socket are reset when that worker exits (timeout,
+# HUP); a stalled worker keeps getting its share of new connections; a second server started by the
+# same user on the same port shares the traffic instead of failing. GUNICORN_REUSE_PORT=0 turns it off.
 reuse_port = os.environ.get("GUNICORN_REUSE_PORT", "1") != "0"
 timeout = 30
 graceful_timeout = 25
@@ -46,18 +41,24 @@ control_socket_disable = True
 
 
 # Python's recipe for forking servers (gc.freeze() documentation): no collection while the master
-# builds the app, its objects frozen just before the workers are forked. A worker's collections then
-# never walk (nor write to) the pages it shares with the master, so they stay shared: with preload,
-# 17 MB of a worker's 59 are its own (46 of 69 before). A SIGHUP runs this file again in the master:
-# by then the app is frozen, and the collector stays on.
+# builds the app, its objects frozen just before the workers are forked, so that a worker's collections
+# never write to the pages it shares with the master. A SIGHUP runs this file again in the master: by
+# then the app is frozen, and the collector stays on.
 if gc.get_freeze_count() == 0:
     gc.disable()
 
 
-def when_ready(_server):
+def when_ready(server):
     """In the master, after the app is loaded and before the first worker is forked."""
     gc.freeze()
     gc.enable()
+    # A pool smaller than the threads that share it makes requests wait for connections (or churn
+    # overflow ones) under load.
+    config = getattr(server.app.wsgi(), "config", {})
+    pool = config.get("DB_POOL_SIZE")
+    if isinstance(pool, int) and pool < server.cfg.threads:
+        server.log.warning("DB_POOL_SIZE (%d) is smaller than the %d threads of each worker that share its pool: "
+                           "set DB_POOL_SIZE to at least GUNICORN_THREADS.", pool, server.cfg.threads)
 
 
 def post_fork(_server, _worker):

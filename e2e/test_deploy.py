@@ -267,13 +267,34 @@ def test_procfile_starts_the_same_gunicorn_configuration() -> None:
     assert config["accesslog"] == "None"
 
 
-def test_gunicorn_refuses_to_start_without_the_secret() -> None:
+@pytest.mark.parametrize("settings,named", [
+    ({}, "BETTER_AUTH_SECRET"),
+    ({"BETTER_AUTH_SECRET": SECRET, "LOG_LEVEL": "TRACE"}, "LOG_LEVEL"),
+    ({"BETTER_AUTH_SECRET": SECRET, "DATABASE_URL": "localhost/tasks"}, "DATABASE_URL"),
+    ({"BETTER_AUTH_SECRET": SECRET, "DATABASE_URL": "postgresql://tasks@db.example:abc/tasks"}, "DATABASE_URL"),
+    ({"BETTER_AUTH_SECRET": SECRET, "CORS_ORIGINS": "*"}, "CORS_ORIGINS"),
+    ({"BETTER_AUTH_SECRET": "dev-only-insecure-secret-do-not-use-in-production"}, "BETTER_AUTH_SECRET"),
+])
+def test_gunicorn_refuses_a_configuration_mistake_in_one_sentence(tmp_path: Path, settings: dict[str, str],
+                                                                    named: str) -> None:
     env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
+    env.update({"DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}", **settings})
     result = subprocess.run([sys.executable, "-m", "gunicorn", *procfile_web_command()[1:]], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     # One sentence, not a traceback and not a crash loop of workers.
-    assert "BETTER_AUTH_SECRET" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and "Traceback" not in lines[0], result.stdout + result.stderr
+
+
+def test_gunicorn_warns_when_the_pool_is_smaller_than_the_threads(tmp_path: Path) -> None:
+    server = Gunicorn("app:app", {"DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}", "DB_POOL_SIZE": "2",
+                                  "GUNICORN_THREADS": "4"}, tmp_path / "gunicorn.log")
+    try:
+        server.wait_ready()
+        assert "DB_POOL_SIZE (2) is smaller than the 4 threads of each worker" in server.log()
+    finally:
+        server.stop()
 
 
 # --- graceful shutdown ---------------------------------------------------------------------------
