@@ -7,7 +7,6 @@ test runner does), use only that, and drop it at the end. DATABASE_URL is never 
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,18 +14,16 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 import app as app_module
-from db import normalise_database_url
 from tests.common import (
     ALICE,
     TEST_DB_URL,
     FakePostgres,
-    admin_connection,
     auth_headers,
     make_app,
 )
+from tests.harness import PrivateDatabase, drop_stale_databases
 from tests.openapi_check import validate_flask_response
 
 
@@ -36,16 +33,9 @@ def postgres_url() -> Iterator[str | None]:
     if not TEST_DB_URL:
         yield None
         return
-    name = f"tasks_pytest_{uuid.uuid4().hex[:12]}"
-    admin = admin_connection(TEST_DB_URL)
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(normalise_database_url(TEST_DB_URL)).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    drop_stale_databases("tasks_pytest", TEST_DB_URL)  # what earlier runs, killed before their cleanup, left
+    with PrivateDatabase("tasks_pytest", TEST_DB_URL) as database:
+        yield database.url()
 
 
 @pytest.fixture

@@ -490,7 +490,7 @@ class RequestBufferingWorker(ThreadWorker):
         if not conn.body_complete:
             req.force_close()  # the answer says "Connection: close", as the connection will
         sock = conn.sock
-        conn.sock = _TimedWrites(sock)  # type: ignore[assignment]
+        conn.sock = _TimedWrites(sock)
         try:
             return super().handle_request(req, conn)
         except TimeoutError:
@@ -510,7 +510,7 @@ class RequestBufferingWorker(ThreadWorker):
     def handle_error(self, req: Any, client: socket.socket, addr: Any, exc: BaseException) -> None:
         """gunicorn's answer to a request it cannot parse or serve (status, log line), with a JSON body."""
         captured = _CapturedWrites(client)
-        super().handle_error(req, captured, addr, exc)  # type: ignore[arg-type]
+        super().handle_error(req, captured, addr, exc)
         status = captured.status()
         try:
             util.write_nonblock(client, json_error(status, error_detail(status, self.cfg)))

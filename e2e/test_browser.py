@@ -20,10 +20,11 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import psycopg2
 import pytest
 
 import auth
-from helpers import E2E, SECRET, Gunicorn, free_port, fresh_postgres_database, http_get, port_is_free, static_server
+from helpers import E2E, SECRET, Gunicorn, PrivateDatabase, free_port, http_get, port_is_free, start_service, static_server
 
 selenium = pytest.importorskip("selenium", reason="run e2e/setup.sh first")
 from selenium import webdriver  # noqa: E402
@@ -63,13 +64,13 @@ def service(request: pytest.FixtureRequest, frontend_origin: str, tmp_path: Path
             database_url = f"sqlite:///{tmp_path / 'tasks.db'}"
         else:
             try:
-                database_url = stack.enter_context(fresh_postgres_database())
-            except ConnectionError as error:
+                database_url = stack.enter_context(PrivateDatabase("tasks_e2e")).url()
+            except psycopg2.OperationalError as error:
                 pytest.skip(f"PostgreSQL is not reachable: {error}")
-        server = Gunicorn("app:app", {"DATABASE_URL": database_url, "CORS_ORIGINS": frontend_origin},
+        server = start_service({"DATABASE_URL": database_url, "CORS_ORIGINS": frontend_origin},
                           tmp_path / "gunicorn.log")
         try:
-            server.wait_ready()
+            server.wait_healthy()
             yield server
         finally:
             # Stopped before the database is dropped (ExitStack unwinds after this).
@@ -170,11 +171,11 @@ def test_cross_origin_calls_from_the_allowed_origin(service: Gunicorn, frontend_
 
     # The browser sent preflights (Authorization and JSON make these non-simple requests) and they passed.
     def preflights_logged() -> bool:
-        log = service.log()
+        log = service.text()
         # The app's request log line: "OPTIONS /api/... 200 0.4ms user_id=-".
         return all(re.search(rf'OPTIONS {re.escape(path)}"? (HTTP/1\.1" )?200 ', log)
                    for path in (f"/api/{USER}/tasks", f"/api/{USER}/tasks/{task_id}/complete"))
-    assert wait_for(preflights_logged), service.log()
+    assert wait_for(preflights_logged), service.text()
 
     assert [t["title"] for t in list_tasks(service)] == ["Walk the dog"]
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 import app as service_app
-from helpers import E2E, REPO, SECRET, SERVICE_VARIABLES, Gunicorn
+from helpers import E2E, REPO, SECRET, SERVICE_VARIABLES, start_service
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -288,11 +288,11 @@ def test_gunicorn_refuses_a_configuration_mistake_in_one_sentence(tmp_path: Path
 
 
 def test_gunicorn_warns_when_the_pool_is_smaller_than_the_threads(tmp_path: Path) -> None:
-    server = Gunicorn("app:app", {"DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}", "DB_POOL_SIZE": "2",
+    server = start_service({"DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}", "DB_POOL_SIZE": "2",
                                   "GUNICORN_THREADS": "4"}, tmp_path / "gunicorn.log")
     try:
-        server.wait_ready()
-        assert "DB_POOL_SIZE (2) is smaller than the 4 threads of each worker" in server.log()
+        server.wait_healthy()
+        assert "DB_POOL_SIZE (2) is smaller than the 4 threads of each worker" in server.text()
     finally:
         server.stop()
 
@@ -301,9 +301,8 @@ def test_gunicorn_warns_when_the_pool_is_smaller_than_the_threads(tmp_path: Path
 
 def test_sigterm_mid_request_lets_the_request_finish(tmp_path: Path) -> None:
     marker = tmp_path / "in-flight"
-    server = Gunicorn("slow_app:app", {"DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}",
-                                       "E2E_SLOW_MARKER": str(marker)},
-                      tmp_path / "gunicorn.log", extra_args=("--pythonpath", str(E2E)))
+    server = start_service({"DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}", "E2E_SLOW_MARKER": str(marker)},
+                           tmp_path / "gunicorn.log", app_spec="slow_app:app", extra_args=("--pythonpath", str(E2E)))
     outcome: dict[str, Any] = {}
 
     def slow_request() -> None:
@@ -319,25 +318,25 @@ def test_sigterm_mid_request_lets_the_request_finish(tmp_path: Path) -> None:
 
     client = threading.Thread(target=slow_request, daemon=True)
     try:
-        server.wait_ready()
+        server.wait_healthy()
         client.start()
         deadline = time.monotonic() + 10
         while not marker.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert marker.exists(), "the slow request never reached the view:\n" + server.log()
+        assert marker.exists(), "the slow request never reached the view:\n" + server.text()
 
-        server.process.send_signal(signal.SIGTERM)
+        server.process.popen.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         client.join(timeout=15)
         assert not client.is_alive(), "the in-flight request did not finish"
-        assert outcome.get("status") == 200, (outcome, server.log())
+        assert outcome.get("status") == 200, (outcome, server.text())
         assert outcome["body"] == {"slept": 2.0}
         assert outcome["done"] > signalled
 
-        returncode = server.process.wait(timeout=GRACEFUL_TIMEOUT + 5)
-        assert returncode == 0, server.log()
+        returncode = server.process.popen.wait(timeout=GRACEFUL_TIMEOUT + 5)
+        assert returncode == 0, server.text()
         assert time.monotonic() - signalled < GRACEFUL_TIMEOUT, "gunicorn waited out the graceful timeout"
-        log = server.log()
+        log = server.text()
         assert "Handling signal: term" in log and "Shutting down: Master" in log, log
         assert "GET /slow 200 " in log, log
     finally:
@@ -346,10 +345,10 @@ def test_sigterm_mid_request_lets_the_request_finish(tmp_path: Path) -> None:
 
 
 def test_gunicorn_sends_no_version_banner_and_logs_no_query_string(tmp_path: Path) -> None:
-    server = Gunicorn("app:app", {"DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}"},
+    server = start_service({"DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}"},
                       tmp_path / "gunicorn.log")
     try:
-        server.wait_ready()
+        server.wait_healthy()
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
         connection.request("GET", "/api/alice/tasks?token=not-a-place-for-tokens")
         response = connection.getresponse()

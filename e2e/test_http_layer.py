@@ -11,7 +11,7 @@ from typing import Iterator
 import jwt
 import pytest
 
-from helpers import SECRET, Gunicorn, http_get
+from helpers import SECRET, Gunicorn, http_get, start_service
 
 import server
 
@@ -29,10 +29,10 @@ def bearer(user: str) -> bytes:
 def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
     folder = tmp_path_factory.mktemp("http-layer")
     # One worker with one thread: any request or client that held the thread would show at once.
-    process = Gunicorn("app:app", {"DATABASE_URL": f"sqlite:///{folder / 'tasks.db'}", "GUNICORN_THREADS": "1"},
+    process = start_service({"DATABASE_URL": f"sqlite:///{folder / 'tasks.db'}", "GUNICORN_THREADS": "1"},
                        folder / "gunicorn.log")
     try:
-        process.wait_ready()
+        process.wait_healthy()
         yield process
     finally:
         process.stop()
@@ -80,7 +80,7 @@ def test_gunicorns_own_answers_are_json_with_a_detail(gunicorn: Gunicorn, case: 
     assert not any(name.startswith("access-control-") for name in headers)
     for echo in (b"aaaa", b"bbbb", b"X-1", b"\xc3\xa9", b"get "):
         assert echo not in body
-    assert "Invalid request from ip=127.0.0.1" in gunicorn.log()
+    assert "Invalid request from ip=127.0.0.1" in gunicorn.text()
 
 
 def test_a_half_sent_request_holds_no_thread_and_is_closed_at_the_deadline(gunicorn: Gunicorn) -> None:

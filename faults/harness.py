@@ -30,20 +30,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import psycopg2
 
 FAULTS = Path(__file__).resolve().parent
 # The service under test: this checkout, or another tree (FAULTS_SERVICE_ROOT) to try a patch on.
 ROOT = Path(os.environ.get("FAULTS_SERVICE_ROOT") or FAULTS.parent).resolve()
 VENV = FAULTS.parent / ".venv"
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(FAULTS.parent))  # the shared harness (tests/harness.py), and the service itself
+if ROOT != FAULTS.parent:
+    sys.path.insert(0, str(ROOT))
 
-import jwt  # noqa: E402  (the service's own dependency)
+from tests import harness as shared  # noqa: E402
+from tests.harness import Process, free_port, wait_port  # noqa: E402,F401 (the scenarios' own names)
 
 PYTHON = str(VENV / "bin" / "python") if (VENV / "bin" / "python").exists() else sys.executable
 PG_HOST = os.environ.get("FAULTS_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("FAULTS_PG_PORT", "5432"))
 PG_USER = os.environ.get("FAULTS_PG_USER", "postgres")
+PG_SERVER = f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/postgres"
 LOG_ROOT = Path(os.environ.get("FAULTS_LOG_DIR") or FAULTS / "logs")
 SECRET = "faults-secret-" + secrets.token_hex(24)  # long enough for HS256, unique per run
 
@@ -76,7 +79,8 @@ class Scenario:
         if self.log_dir.exists():
             shutil.rmtree(self.log_dir, ignore_errors=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.tag = f"s{self.number:02d}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        # The pid first: the shared harness drops the databases of runs whose process is gone by it.
+        self.tag = f"{os.getpid()}_s{self.number:02d}_{uuid.uuid4().hex[:6]}"
 
     def check(self, condition: bool, message: str) -> bool:
         """Record a failed requirement (the scenario goes on, to report every finding)."""
@@ -135,166 +139,55 @@ def run_scenario(number: int, name: str, time_limit: float, body: Callable[[Scen
     return 0 if verdict == "PASS" else 1
 
 
-# --- ports, processes --------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        time.sleep(0.05)
-    return False
-
-
-class Process:
-    """A helper process in its own process group, with its output in a log file."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path, *, env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> None:
-        self.name = name
-        self.log_path = log_path
-        self._log = open(log_path, "ab")
-        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      env=env, cwd=cwd, start_new_session=True)
-        self.pid = self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def signal_group(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signum)
-
-    def stop(self, timeout: float = 10) -> None:
-        """SIGTERM to the group, then SIGKILL to whatever is left of it."""
-        if self.alive():
-            self.signal_group(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout)
-        self.signal_group(signal.SIGKILL)  # orphaned workers too
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(5)
-        if not self._log.closed:
-            self._log.close()
-
-    def text(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-
 # --- the database ------------------------------------------------------------------------------
 
-def pg_connect(dbname: str = "postgres", **kwargs: Any) -> Any:
-    connection = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=dbname,
-                                  connect_timeout=5, application_name="faults-harness", **kwargs)
-    connection.autocommit = True
-    return connection
-
-
-class TempDatabase:
-    """A fresh, uniquely named database on the local PostgreSQL, dropped (WITH FORCE) at the end."""
+class TempDatabase(shared.PrivateDatabase):
+    """A fresh database on the local PostgreSQL for one scenario, dropped (WITH FORCE) when it ends."""
 
     def __init__(self, scenario: Scenario, suffix: str = "") -> None:
-        self.name = f"faults_{scenario.tag}{suffix}"
-        with contextlib.closing(pg_connect()) as admin, admin.cursor() as cursor:
-            cursor.execute(f'CREATE DATABASE "{self.name}"')
+        super().__init__("faults", PG_SERVER, name=f"faults_{scenario.tag}{suffix}")
         scenario.stack.callback(self.drop)
         scenario.log(f"database {self.name} created")
 
     def url(self, *, port: int | None = None, password: str | None = None, scheme: str = "postgres") -> str:
-        auth = PG_USER + (f":{password}" if password else "")
-        return f"{scheme}://{auth}@{PG_HOST}:{port or PG_PORT}/{self.name}"
-
-    def connect(self) -> Any:
-        return pg_connect(self.name)
-
-    def query(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
-        with contextlib.closing(self.connect()) as connection, connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            return cursor.fetchall() if cursor.description else []
-
-    def drop(self) -> None:
-        with contextlib.suppress(Exception):
-            with contextlib.closing(pg_connect()) as admin, admin.cursor() as cursor:
-                cursor.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        """The URL as a platform gives it (postgres://), through `port` when a proxy sits in between."""
+        return super().url(port=port, password=password, scheme=scheme)
 
 
 def drop_stale_databases() -> list[str]:
     """Drop faults_ databases left by runs whose process is gone (a SIGKILLed run cannot clean up)."""
-    dropped = []
-    with contextlib.closing(pg_connect()) as admin, admin.cursor() as cursor:
-        cursor.execute("SELECT datname FROM pg_database WHERE datname LIKE 'faults\\_s%'")
-        for (name,) in cursor.fetchall():
-            parts = name.split("_")
-            try:
-                pid = int(parts[2])
-            except (IndexError, ValueError):
-                continue
-            if not Path(f"/proc/{pid}").exists():
-                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-                dropped.append(name)
-    return dropped
+    return shared.drop_stale_databases("faults", PG_SERVER)
 
 
 # --- the service -------------------------------------------------------------------------------
 
-class Service:
-    """The tasks API under gunicorn (the project's gunicorn.conf.py) on a free loopback port."""
+class Service(shared.Gunicorn):
+    """The tasks API under gunicorn (the service tree's gunicorn.conf.py) on a free loopback port, stopped
+    when the scenario ends."""
 
     def __init__(self, scenario: Scenario, database_url: str, *, name: str = "service", workers: int = 2,
                  threads: int = 4, port: int | None = None, env: dict[str, str] | None = None,
                  wait: bool = True, secret: str = SECRET) -> None:
+        settings = {"BETTER_AUTH_SECRET": secret, "DATABASE_URL": database_url, "DB_CONNECT_TIMEOUT": "5",
+                    **(env or {})}
+        super().__init__(settings, scenario.log_dir / f"{name}.log", root=ROOT, workers=workers, threads=threads,
+                         port=port, python=PYTHON, name=name)
         self.scenario = scenario
-        self.port = port or free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
         self.name = name
-        full_env = {key: value for key, value in os.environ.items()
-                    if not key.startswith(("DB_", "DATABASE_URL", "WEB_CONCURRENCY", "GUNICORN_", "PORT"))}
-        full_env.update({
-            "BETTER_AUTH_SECRET": secret,
-            "DATABASE_URL": database_url,
-            "PORT": str(self.port),
-            "WEB_CONCURRENCY": str(workers),
-            "GUNICORN_THREADS": str(threads),
-            "DB_CONNECT_TIMEOUT": "5",
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONDONTWRITEBYTECODE": "1",
-        })
-        full_env.update(env or {})
-        # Each instance its own control socket (gunicorn's default path is one per user, shared).
-        control = Path(tempfile.gettempdir()) / f"faults-{scenario.tag}-{name}.ctl"
-        scenario.stack.callback(lambda: control.unlink(missing_ok=True))
-        argv = [PYTHON, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "--chdir", str(ROOT),
-                "--bind", f"127.0.0.1:{self.port}", "--control-socket", str(control), "app:app"]
+        self.base = self.base_url
         self.workers = workers
-        self.process = Process(name, argv, scenario.log_dir / f"{name}.log", env=full_env, cwd=ROOT)
         scenario.stack.callback(self.process.stop)
         scenario.log(f"{name}: gunicorn pid {self.process.pid} on port {self.port}, {workers}x{threads}")
         if wait:
             self.wait_healthy()
 
     def wait_healthy(self, timeout: float = 30, path: str = "/health") -> float:
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            if not self.process.alive():
-                raise ScenarioFailure(f"{self.name} exited during start-up (see {self.process.log_path})")
-            with contextlib.suppress(OSError, http.client.HTTPException):
-                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                connection.request("GET", path)
-                if connection.getresponse().status == 200:
-                    connection.close()
-                    return time.monotonic() - started
-                connection.close()
-            time.sleep(0.1)
-        raise ScenarioFailure(f"{self.name} not healthy ({path}) after {timeout:.0f}s")
+        """As the shared harness's, failing the scenario (not crashing it) when the service does not come up."""
+        try:
+            return super().wait_healthy(timeout, path)
+        except RuntimeError:
+            raise ScenarioFailure(f"{self.name} not healthy ({path}) after {timeout:.0f}s "
+                                  f"(see {self.process.log_path})") from None
 
     def wait_workers_ready(self, db_port: int, timeout: float = 30) -> None:
         """Wait until every worker holds a pooled connection to db_port.
@@ -320,14 +213,6 @@ class Service:
         raise ScenarioFailure(f"{self.name}: {len(connected)}/{self.workers} workers connected to the database "
                               f"after {timeout:.0f}s")
 
-    def worker_pids(self) -> list[int]:
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.process.pid)], capture_output=True,
-                             text=True).stdout
-        return [int(pid) for pid in out.split()]
-
-    def text(self) -> str:
-        return self.process.text()
-
 
 def pids_connected_to(port: int) -> set[int]:
     """The pids that have an established TCP connection to 127.0.0.1:port."""
@@ -344,8 +229,8 @@ def pids_connected_to(port: int) -> set[int]:
 # --- tokens ------------------------------------------------------------------------------------
 
 def token(user_id: str, *, secret: str = SECRET, lifetime: int = 3600, **claims: Any) -> str:
-    now = int(time.time())
-    return jwt.encode({"sub": user_id, "iat": now, "exp": now + lifetime, **claims}, secret, algorithm="HS256")
+    """An HS256 token for user_id, signed with this run's secret."""
+    return shared.token(user_id, secret, lifetime=lifetime, **claims)
 
 
 # --- HTTP --------------------------------------------------------------------------------------

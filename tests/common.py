@@ -12,13 +12,10 @@ from datetime import datetime
 from typing import Any
 
 import jwt
-import psycopg2
 import pytest
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
 from app import create_app
-from db import normalise_database_url
 
 SECRET = "test-secret-long-enough-for-hs256-and-hs512-0123456789abcdefghijk"
 
@@ -36,21 +33,6 @@ ON_POSTGRES = bool(TEST_DB_URL)
 
 
 postgres_only = pytest.mark.skipif(not ON_POSTGRES, reason="needs TEST_DATABASE_URL (PostgreSQL)")
-
-
-def admin_connection(url: str) -> Any:
-    """A psycopg2 autocommit connection to the database TEST_DATABASE_URL names."""
-    parsed = make_url(normalise_database_url(url))
-    connection = psycopg2.connect(
-        host=parsed.host,
-        port=parsed.port or 5432,
-        user=parsed.username,
-        password=parsed.password,
-        dbname=parsed.database,
-        **{k: v for k, v in parsed.query.items() if isinstance(v, str)},
-    )
-    connection.autocommit = True
-    return connection
 
 
 def make_app(database_url: str, **overrides: Any) -> Any:

@@ -24,7 +24,6 @@ from tests.common import (
     BOB,
     ON_POSTGRES,
     FakePostgres,
-    admin_connection,
     auth_headers,
     in_threads,
     make_app,
@@ -32,6 +31,7 @@ from tests.common import (
     postgres_only,
     run_sql,
 )
+from tests.harness import admin_connection
 
 
 def test_ready_when_database_answers(client: Any) -> None:

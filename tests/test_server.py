@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # --- usable CPUs and the default worker count ------------------------------------------------------
 
+
 @pytest.fixture
 def eight_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
@@ -37,14 +38,17 @@ def cgroup(tmp_path: Path, own_path: str, files: dict[str, str], *, v1: bool = F
 
 
 @pytest.mark.usefixtures("eight_cpus")
-@pytest.mark.parametrize(("cpu_max", "expected"), [
-    ("max 100000\n", 8),  # no quota: the affinity
-    ("100000 100000\n", 1),
-    ("150000 100000\n", 2),  # a fractional quota is rounded up
-    ("50000 100000\n", 1),  # and never below one CPU
-    ("400000 100000\n", 4),
-    ("1600000 100000\n", 8),  # a quota above the affinity does not add CPUs
-])
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [
+        ("max 100000\n", 8),  # no quota: the affinity
+        ("100000 100000\n", 1),
+        ("150000 100000\n", 2),  # a fractional quota is rounded up
+        ("50000 100000\n", 1),  # and never below one CPU
+        ("400000 100000\n", 4),
+        ("1600000 100000\n", 8),  # a quota above the affinity does not add CPUs
+    ],
+)
 def test_a_cgroup_v2_quota_lowers_the_cpu_count(tmp_path: Path, cpu_max: str, expected: int) -> None:
     root, proc = cgroup(tmp_path, "/", {"cpu.max": cpu_max})
     assert server.usable_cpus(root, proc) == expected
@@ -53,9 +57,15 @@ def test_a_cgroup_v2_quota_lowers_the_cpu_count(tmp_path: Path, cpu_max: str, ex
 @pytest.mark.usefixtures("eight_cpus")
 def test_the_tightest_quota_of_the_cgroup_and_its_ancestors_counts(tmp_path: Path) -> None:
     # systemd's slices: the service's own cgroup sets nothing, its slice sets 2 CPUs.
-    root, proc = cgroup(tmp_path, "/system.slice/tasks.service", {
-        "cpu.max": "max 100000", "system.slice/cpu.max": "200000 100000",
-        "system.slice/tasks.service/cpu.max": "max 100000"})
+    root, proc = cgroup(
+        tmp_path,
+        "/system.slice/tasks.service",
+        {
+            "cpu.max": "max 100000",
+            "system.slice/cpu.max": "200000 100000",
+            "system.slice/tasks.service/cpu.max": "max 100000",
+        },
+    )
     assert server.usable_cpus(root, proc) == 2
 
 
@@ -67,8 +77,9 @@ def test_a_container_sees_its_own_cgroup_at_the_mount_root(tmp_path: Path) -> No
 
 
 @pytest.mark.usefixtures("eight_cpus")
-@pytest.mark.parametrize(("quota", "period", "expected"), [("-1", "100000", 8), ("250000", "100000", 3),
-                                                           ("100000", "100000", 1)])
+@pytest.mark.parametrize(
+    ("quota", "period", "expected"), [("-1", "100000", 8), ("250000", "100000", 3), ("100000", "100000", 1)]
+)
 def test_a_cgroup_v1_quota_lowers_the_cpu_count(tmp_path: Path, quota: str, period: str, expected: int) -> None:
     root, proc = cgroup(tmp_path, "/", {"cpu/cpu.cfs_quota_us": quota, "cpu/cpu.cfs_period_us": period}, v1=True)
     assert server.usable_cpus(root, proc) == expected
@@ -97,8 +108,14 @@ def conf_workers(env: dict[str, str], prefix: list[str] | None = None) -> int:
     full_env = {key: value for key, value in os.environ.items() if key != "WEB_CONCURRENCY"}
     full_env.update({"BETTER_AUTH_SECRET": "test-" + "x" * 40, **env})
     code = "import runpy, sys; print(runpy.run_path(sys.argv[1])['workers'])"
-    result = subprocess.run([*(prefix or []), sys.executable, "-c", code, str(ROOT / "gunicorn.conf.py")],
-                            cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [*(prefix or []), sys.executable, "-c", code, str(ROOT / "gunicorn.conf.py")],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return int(result.stdout.split()[-1])
 
@@ -115,6 +132,7 @@ def test_pinned_to_one_cpu_gunicorn_starts_two_workers() -> None:
 
 # --- where a request ends ----------------------------------------------------------------------
 
+
 def feed(*chunks: bytes, body_limit: int = 1000) -> tuple[RequestScanner, list[Verdict]]:
     scanner = RequestScanner(body_limit=body_limit, head_limit=4096)
     return scanner, [scanner.feed(chunk) for chunk in chunks]
@@ -122,7 +140,7 @@ def feed(*chunks: bytes, body_limit: int = 1000) -> tuple[RequestScanner, list[V
 
 def test_a_head_is_whole_at_its_empty_line_whatever_the_pieces() -> None:
     request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
-    _, verdicts = feed(*(request[i:i + 1] for i in range(len(request))))
+    _, verdicts = feed(*(request[i : i + 1] for i in range(len(request))))
     assert verdicts[:-1] == [Verdict.WAIT] * (len(request) - 1)
     assert verdicts[-1] is Verdict.READY
 
@@ -154,17 +172,20 @@ def test_one_empty_line_before_the_request_line_is_allowed() -> None:
     assert feed(b"\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")[1] == [Verdict.READY]
 
 
-@pytest.mark.parametrize("head", [
-    b"POST / HTTP/1.1\r\nContent-Length: 5000\r\n\r\n",  # over the body limit: the app answers 413 from it
-    b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
-    b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",  # gunicorn: 400
-    b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
-    b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
-    b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",  # not ending in chunked: gunicorn 400
-    b"POST / HTTP/1.1\r\nContent-Length: 5\r\nExpect: something-else\r\n\r\n",  # gunicorn: 417
-    b"GET / HTTP/1.1\nHost: x\n\n",  # bare LF: gunicorn refuses it at once
-    b"GET / HTTP/1.1\r\nHost: x\n",
-])
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST / HTTP/1.1\r\nContent-Length: 5000\r\n\r\n",  # over the body limit: the app answers 413 from it
+        b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",  # gunicorn: 400
+        b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",  # not ending in chunked: gunicorn 400
+        b"POST / HTTP/1.1\r\nContent-Length: 5\r\nExpect: something-else\r\n\r\n",  # gunicorn: 417
+        b"GET / HTTP/1.1\nHost: x\n\n",  # bare LF: gunicorn refuses it at once
+        b"GET / HTTP/1.1\r\nHost: x\n",
+    ],
+)
 def test_what_gunicorn_or_the_app_refuses_unread_is_handed_over_at_once(head: bytes) -> None:
     assert feed(head)[1] == [Verdict.HAND_OVER_NOW]
 
@@ -184,7 +205,7 @@ def test_a_chunked_body_is_whole_after_its_last_chunk_and_trailers() -> None:
 
 def test_a_chunk_split_anywhere_waits() -> None:
     request = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n"
-    _, verdicts = feed(*(request[i:i + 3] for i in range(0, len(request), 3)))
+    _, verdicts = feed(*(request[i : i + 3] for i in range(0, len(request), 3)))
     assert set(verdicts[:-1]) == {Verdict.WAIT} and verdicts[-1] is Verdict.READY
 
 
