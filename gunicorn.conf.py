@@ -57,8 +57,12 @@ def when_ready(server):
     config = getattr(server.app.wsgi(), "config", {})
     pool = config.get("DB_POOL_SIZE")
     if isinstance(pool, int) and pool < server.cfg.threads:
-        server.log.warning("DB_POOL_SIZE (%d) is smaller than the %d threads of each worker that share its pool: "
-                           "set DB_POOL_SIZE to at least GUNICORN_THREADS.", pool, server.cfg.threads)
+        server.log.warning(
+            "DB_POOL_SIZE (%d) is smaller than the %d threads of each worker that share its pool: "
+            "set DB_POOL_SIZE to at least GUNICORN_THREADS.",
+            pool,
+            server.cfg.threads,
+        )
 
 
 def post_fork(_server, _worker):

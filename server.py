@@ -3,6 +3,7 @@ for gunicorn's own error answers, and the number of workers this machine can car
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import json
@@ -12,12 +13,13 @@ import socket
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from functools import partial
 from http import HTTPStatus
 from pathlib import Path
 from selectors import EVENT_READ
-from typing import Any, Callable
+from typing import Any
 
 from gunicorn import http, util
 from gunicorn.config import Config
@@ -50,6 +52,7 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 # --- how many workers ------------------------------------------------------------------------------
 
+
 def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int:
     """The CPUs this process may use: its CPU affinity, lowered by a cgroup CPU quota (rounded up)."""
     try:
@@ -69,8 +72,11 @@ def default_workers(cpus: int | None = None) -> int:
 
 def cgroup_cpu_quota(cgroup_root: Path, proc_cgroup: Path) -> float | None:
     """The tightest CPU quota, in CPUs, of this process's cgroup and its ancestors (v2 or v1); None: none."""
-    quotas = [quota for directory in _cgroup_directories(cgroup_root, proc_cgroup)
-              if (quota := _quota_in(directory)) is not None]
+    quotas = [
+        quota
+        for directory in _cgroup_directories(cgroup_root, proc_cgroup)
+        if (quota := _quota_in(directory)) is not None
+    ]
     return min(quotas, default=None)
 
 
@@ -115,6 +121,7 @@ def _quota_in(directory: Path) -> float | None:
 
 
 # --- where a request ends ---------------------------------------------------------------------------
+
 
 class Verdict(enum.Enum):
     """What to do with a connection's bytes so far."""
@@ -217,7 +224,7 @@ class RequestScanner:
             size = int(size_text, 16) if len(size_text) <= 16 else self.body_limit + 1
             if size == 0:
                 trailers = line_end + 2
-                if data[trailers:trailers + 2] == b"\r\n":
+                if data[trailers : trailers + 2] == b"\r\n":
                     return Verdict.READY
                 if data.find(b"\r\n\r\n", trailers) >= 0:
                     return Verdict.READY
@@ -229,13 +236,14 @@ class RequestScanner:
             chunk_end = line_end + 2 + size + 2
             if len(data) < chunk_end:
                 return Verdict.WAIT
-            if data[chunk_end - 2:chunk_end] != b"\r\n":
+            if data[chunk_end - 2 : chunk_end] != b"\r\n":
                 return Verdict.HAND_OVER_NOW  # gunicorn answers 400 when it reads the body
             self._chunked_bytes += size
             self._chunk_at = chunk_end
 
 
 # --- gunicorn's own answers, as JSON ----------------------------------------------------------------
+
 
 def error_detail(status: int, cfg: Config) -> str:
     """The sentence for an answer gunicorn (or this worker) gives before the app sees the request."""
@@ -244,8 +252,10 @@ def error_detail(status: int, cfg: Config) -> str:
         403: "The request is not allowed.",
         414: f"The URL is too long: the request line may be at most {cfg.limit_request_line:,} bytes.",
         417: "The Expect header is not supported, except for 100-continue.",
-        431: (f"The request headers are too large: at most {cfg.limit_request_fields} headers of at most "
-              f"{cfg.limit_request_field_size:,} bytes each, {HEAD_LIMIT // 1024} KiB in all."),
+        431: (
+            f"The request headers are too large: at most {cfg.limit_request_fields} headers of at most "
+            f"{cfg.limit_request_field_size:,} bytes each, {HEAD_LIMIT // 1024} KiB in all."
+        ),
         500: "Internal server error",
         501: "The Transfer-Encoding is not supported; send the body with Content-Length or chunked.",
     }
@@ -255,9 +265,11 @@ def error_detail(status: int, cfg: Config) -> str:
 def json_error(status: int, detail: str) -> bytes:
     """A whole HTTP/1.1 response with the JSON error shape of errors.py; the connection closes after it."""
     body = json.dumps({"detail": detail}, separators=(",", ":")).encode()
-    head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nConnection: close\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            "X-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\n\r\n")
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "X-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\n\r\n"
+    )
     return head.encode("latin-1") + body
 
 
@@ -284,6 +296,7 @@ class _CapturedWrites:
 
 
 # --- reads and writes of a thread, bounded ----------------------------------------------------------
+
 
 class DeadlineUnreader(SocketUnreader):
     """gunicorn's socket reader, except that a read that would wait past the request's deadline finds EOF.
@@ -350,6 +363,7 @@ class _TimedWrites:
 
 # --- the worker -------------------------------------------------------------------------------------
 
+
 class _State(enum.Enum):
     """Where a connection is."""
 
@@ -402,8 +416,10 @@ class RequestBufferingWorker(ThreadWorker):
         """Refuse what this worker cannot buffer: TLS, HTTP/2 and uwsgi are read by gthread's threads only."""
         super().check_config(cfg, log)
         if cfg.is_ssl or cfg.http2_cleartext != "off" or cfg.protocol != "http":
-            sys.exit("Refusing to start: server.RequestBufferingWorker speaks plain HTTP/1.1 only (no TLS, HTTP/2 "
-                     "or uwsgi); terminate TLS and HTTP/2 in a proxy in front of it.")
+            sys.exit(
+                "Refusing to start: server.RequestBufferingWorker speaks plain HTTP/1.1 only (no TLS, HTTP/2 "
+                "or uwsgi); terminate TLS and HTTP/2 in a proxy in front of it."
+            )
 
     # -- accepting and reading, on the main thread --
 
@@ -494,8 +510,9 @@ class RequestBufferingWorker(ThreadWorker):
         try:
             return super().handle_request(req, conn)
         except TimeoutError:
-            self.log.info("Closing the connection of ip=%s: it did not take its response within %.0f s",
-                          _ip(conn), SEND_TIMEOUT)
+            self.log.info(
+                "Closing the connection of ip=%s: it did not take its response within %.0f s", _ip(conn), SEND_TIMEOUT
+            )
             conn.reset = True
             return False
         finally:
@@ -544,10 +561,8 @@ class RequestBufferingWorker(ThreadWorker):
 
     def _answer_and_close(self, conn: ClientConnection, status: int) -> None:
         """Answer a request this worker refuses itself (431) without a thread, then close."""
-        try:
+        with contextlib.suppress(OSError):
             conn.sock.send(json_error(status, error_detail(status, self.cfg)))
-        except OSError:
-            pass
         self._linger(conn)
 
     def _linger(self, conn: ClientConnection) -> None:
@@ -584,10 +599,8 @@ class RequestBufferingWorker(ThreadWorker):
         conn.scanner = None  # the deadline queues may hold conn a while longer; its bytes need not wait
         self.nr_conns -= 1
         if reset:
-            try:
+            with contextlib.suppress(OSError):
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            except OSError:
-                pass
         util.close(conn.sock)
 
     def _watch(self, conn: ClientConnection, callback: Callable[[ClientConnection, socket.socket], None]) -> None:
@@ -601,10 +614,8 @@ class RequestBufferingWorker(ThreadWorker):
     def _unwatch(self, conn: ClientConnection) -> None:
         """Take conn's socket off the poller."""
         if conn.watched:
-            try:
+            with contextlib.suppress(KeyError, ValueError, OSError):
                 self.poller.unregister(conn.sock)
-            except (KeyError, ValueError, OSError):
-                pass
             conn.watched = False
 
     # -- deadlines, on the main thread --

@@ -12,9 +12,9 @@ import functools
 import http.client
 import socket
 import threading
+from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 from tests.harness import REPO, SERVICE_VARIABLES, Gunicorn, PrivateDatabase, free_port  # noqa: F401 (for the tests)
 
@@ -22,11 +22,13 @@ E2E = Path(__file__).resolve().parent
 SECRET = "e2e-secret-" + "x" * 40  # >= 32 bytes, so the service does not warn
 
 
-def start_service(env: dict[str, str], log_path: Path, *, app_spec: str = "app:app",
-                  extra_args: tuple[str, ...] = ()) -> Gunicorn:
+def start_service(
+    env: dict[str, str], log_path: Path, *, app_spec: str = "app:app", extra_args: tuple[str, ...] = ()
+) -> Gunicorn:
     """The service (or another app) under gunicorn as the e2e tests run it: one worker, the e2e secret."""
-    return Gunicorn({"BETTER_AUTH_SECRET": SECRET, **env}, log_path, app_spec=app_spec, workers=1,
-                    extra_args=extra_args)
+    return Gunicorn(
+        {"BETTER_AUTH_SECRET": SECRET, **env}, log_path, app_spec=app_spec, workers=1, extra_args=extra_args
+    )
 
 
 def port_is_free(port: int) -> bool:
@@ -39,8 +41,7 @@ def port_is_free(port: int) -> bool:
         return True
 
 
-def http_get(port: int, path: str, *, headers: dict[str, str] | None = None,
-             timeout: float = 5) -> tuple[int, bytes]:
+def http_get(port: int, path: str, *, headers: dict[str, str] | None = None, timeout: float = 5) -> tuple[int, bytes]:
     """GET http://127.0.0.1:port/path; returns (status, body)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:

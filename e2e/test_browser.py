@@ -17,14 +17,25 @@ import shutil
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import psycopg2
 import pytest
+from helpers import (
+    E2E,
+    SECRET,
+    Gunicorn,
+    PrivateDatabase,
+    free_port,
+    http_get,
+    port_is_free,
+    start_service,
+    static_server,
+)
 
 import auth
-from helpers import E2E, SECRET, Gunicorn, PrivateDatabase, free_port, http_get, port_is_free, start_service, static_server
 
 selenium = pytest.importorskip("selenium", reason="run e2e/setup.sh first")
 from selenium import webdriver  # noqa: E402
@@ -67,8 +78,9 @@ def service(request: pytest.FixtureRequest, frontend_origin: str, tmp_path: Path
                 database_url = stack.enter_context(PrivateDatabase("tasks_e2e")).url()
             except psycopg2.OperationalError as error:
                 pytest.skip(f"PostgreSQL is not reachable: {error}")
-        server = start_service({"DATABASE_URL": database_url, "CORS_ORIGINS": frontend_origin},
-                          tmp_path / "gunicorn.log")
+        server = start_service(
+            {"DATABASE_URL": database_url, "CORS_ORIGINS": frontend_origin}, tmp_path / "gunicorn.log"
+        )
         try:
             server.wait_healthy()
             yield server
@@ -86,9 +98,19 @@ def browser() -> Iterator[webdriver.Chrome]:
     profile = tempfile.mkdtemp(prefix="e2e-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--no-proxy-server", f"--user-data-dir={profile}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--no-proxy-server",
+        f"--user-data-dir={profile}",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
@@ -107,7 +129,8 @@ def run_page(driver: webdriver.Chrome, origin: str, service: Gunicorn, mode: str
     query = urllib.parse.urlencode({"api": service.base_url, "user": USER, "token": token, "mode": mode})
     driver.get(f"{origin}/index.html?{query}")
     WebDriverWait(driver, PAGE_TIMEOUT, poll_frequency=0.1).until(
-        lambda d: d.execute_script("return window.__done === true"))
+        lambda d: d.execute_script("return window.__done === true")
+    )
     results = driver.execute_script("return window.__results")
     assert "script_error" not in results, results
     return results
@@ -129,8 +152,9 @@ def list_tasks(service: Gunicorn) -> list[dict[str, Any]]:
     return json.loads(body)
 
 
-def test_cross_origin_calls_from_the_allowed_origin(service: Gunicorn, frontend_origin: str,
-                                                      browser: webdriver.Chrome) -> None:
+def test_cross_origin_calls_from_the_allowed_origin(
+    service: Gunicorn, frontend_origin: str, browser: webdriver.Chrome
+) -> None:
     results = run_page(browser, frontend_origin, service, "full")
     failed = {name: r for name, r in results.items() if not r.get("fetched")}
     assert not failed, f"fetch rejected (CORS failure?): {failed}"
@@ -173,15 +197,17 @@ def test_cross_origin_calls_from_the_allowed_origin(service: Gunicorn, frontend_
     def preflights_logged() -> bool:
         log = service.text()
         # The app's request log line: "OPTIONS /api/... 200 0.4ms user_id=-".
-        return all(re.search(rf'OPTIONS {re.escape(path)}"? (HTTP/1\.1" )?200 ', log)
-                   for path in (f"/api/{USER}/tasks", f"/api/{USER}/tasks/{task_id}/complete"))
+        return all(
+            re.search(rf'OPTIONS {re.escape(path)}"? (HTTP/1\.1" )?200 ', log)
+            for path in (f"/api/{USER}/tasks", f"/api/{USER}/tasks/{task_id}/complete")
+        )
+
     assert wait_for(preflights_logged), service.text()
 
     assert [t["title"] for t in list_tasks(service)] == ["Walk the dog"]
 
 
-def test_a_foreign_origin_is_blocked(service: Gunicorn, foreign_origin: str,
-                                     browser: webdriver.Chrome) -> None:
+def test_a_foreign_origin_is_blocked(service: Gunicorn, foreign_origin: str, browser: webdriver.Chrome) -> None:
     results = run_page(browser, foreign_origin, service, "blocked")
     for name in ("create", "list", "no_token"):
         assert results[name]["fetched"] is False, results[name]

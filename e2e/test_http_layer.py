@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import socket
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import jwt
 import pytest
-
 from helpers import SECRET, Gunicorn, http_get, start_service
 
 import server
@@ -29,8 +28,9 @@ def bearer(user: str) -> bytes:
 def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
     folder = tmp_path_factory.mktemp("http-layer")
     # One worker with one thread: any request or client that held the thread would show at once.
-    process = start_service({"DATABASE_URL": f"sqlite:///{folder / 'tasks.db'}", "GUNICORN_THREADS": "1"},
-                       folder / "gunicorn.log")
+    process = start_service(
+        {"DATABASE_URL": f"sqlite:///{folder / 'tasks.db'}", "GUNICORN_THREADS": "1"}, folder / "gunicorn.log"
+    )
     try:
         process.wait_healthy()
         yield process
@@ -52,7 +52,9 @@ def exchange(port: int, data: bytes, timeout: float = 10) -> tuple[int, dict[str
 
 
 def request(line: bytes, *headers: bytes) -> bytes:
-    return line + b"\r\nHost: x\r\nOrigin: " + ORIGIN.encode() + b"\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n"
+    return (
+        line + b"\r\nHost: x\r\nOrigin: " + ORIGIN.encode() + b"\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n"
+    )
 
 
 CASES = {
@@ -124,9 +126,13 @@ def test_requests_sent_in_pieces_and_pipelined_are_all_answered(gunicorn: Gunico
 
 
 def test_an_announced_body_over_the_limit_is_refused_at_once_and_the_connection_closed(gunicorn: Gunicorn) -> None:
-    status, headers, body = exchange(gunicorn.port, b"POST /api/a/tasks HTTP/1.1\r\nHost: x\r\n" + bearer("a") +
-                                     b"\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n\r\n"
-                                     + b"x" * 1000)
+    status, headers, body = exchange(
+        gunicorn.port,
+        b"POST /api/a/tasks HTTP/1.1\r\nHost: x\r\n"
+        + bearer("a")
+        + b"\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n\r\n"
+        + b"x" * 1000,
+    )
     # The app's own 413, answered from Content-Length alone; the connection is not kept for the rest.
     assert status == 413 and headers["connection"] == "close", (status, body)
     assert json.loads(body)["detail"] == "The request body is too large; the limit is 64 KiB."
@@ -135,9 +141,10 @@ def test_an_announced_body_over_the_limit_is_refused_at_once_and_the_connection_
 def test_expect_100_continue_is_answered_before_the_body_is_sent(gunicorn: Gunicorn) -> None:
     task = b'{"title": "sent after the interim answer"}'
     with socket.create_connection(("127.0.0.1", gunicorn.port), timeout=5) as sock:
-        sock.sendall(b"POST /api/a/tasks HTTP/1.1\r\nHost: x\r\n" + bearer("a") + b"\r\nContent-Type: "
-                     b"application/json\r\nExpect: 100-continue\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-                     % len(task))
+        sock.sendall(
+            b"POST /api/a/tasks HTTP/1.1\r\nHost: x\r\n" + bearer("a") + b"\r\nContent-Type: "
+            b"application/json\r\nExpect: 100-continue\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(task)
+        )
         assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
         sock.sendall(task)
         received = b""
@@ -148,8 +155,14 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(gunicorn: Gunic
 
 def test_a_chunked_body_over_the_limit_gets_the_apps_413_without_waiting_for_the_rest(gunicorn: Gunicorn) -> None:
     # 80 KiB announced in one chunk, 76 KiB of it sent: enough for the app to refuse it, never finished.
-    status, headers, body = exchange(gunicorn.port, b"POST /api/a/tasks HTTP/1.1\r\nHost: x\r\n" + bearer("a") +
-                                     b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-                                     + b"%x\r\n" % (80 * 1024) + b"x" * (76 * 1024), timeout=5)
+    status, headers, body = exchange(
+        gunicorn.port,
+        b"POST /api/a/tasks HTTP/1.1\r\nHost: x\r\n"
+        + bearer("a")
+        + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n" % (80 * 1024)
+        + b"x" * (76 * 1024),
+        timeout=5,
+    )
     assert status == 413 and headers["connection"] == "close", (status, body)
     assert headers["x-request-id"]  # the app's answer, not the HTTP layer's

@@ -26,17 +26,17 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
+from typing import Any
 
 FAULTS = Path(__file__).resolve().parent
 # The service under test: this checkout, or another tree (FAULTS_SERVICE_ROOT) to try a patch on.
 ROOT = Path(os.environ.get("FAULTS_SERVICE_ROOT") or FAULTS.parent).resolve()
 VENV = FAULTS.parent / ".venv"
 sys.path.insert(0, str(FAULTS.parent))  # the shared harness (tests/harness.py), and the service itself
-if ROOT != FAULTS.parent:
+if FAULTS.parent != ROOT:
     sys.path.insert(0, str(ROOT))
 
 from tests import harness as shared  # noqa: E402
@@ -52,6 +52,7 @@ SECRET = "faults-secret-" + secrets.token_hex(24)  # long enough for HS256, uniq
 
 
 # --- reporting ---------------------------------------------------------------------------------
+
 
 class ScenarioFailure(AssertionError):
     """A requirement of the scenario was not met."""
@@ -105,8 +106,10 @@ def run_scenario(number: int, name: str, time_limit: float, body: Callable[[Scen
     scenario = Scenario(number, name, time_limit)
 
     def interrupt(signum: int, _frame: Any) -> None:
-        raise Interrupted(f"signal {signal.Signals(signum).name}"
-                          + (f" (time limit {time_limit:.0f}s)" if signum == signal.SIGALRM else ""))
+        raise Interrupted(
+            f"signal {signal.Signals(signum).name}"
+            + (f" (time limit {time_limit:.0f}s)" if signum == signal.SIGALRM else "")
+        )
 
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
@@ -130,8 +133,15 @@ def run_scenario(number: int, name: str, time_limit: float, body: Callable[[Scen
     verdict = "FAIL" if scenario.failures else "PASS"
     numbers = " ".join(f"{key}={value}" for key, value in scenario.numbers.items())
     line = f"scenario {number:02d} {name}: {numbers} {verdict}"
-    result = {"number": number, "name": name, "verdict": verdict, "numbers": scenario.numbers,
-              "failures": scenario.failures, "notes": scenario.notes, "line": line}
+    result = {
+        "number": number,
+        "name": name,
+        "verdict": verdict,
+        "numbers": scenario.numbers,
+        "failures": scenario.failures,
+        "notes": scenario.notes,
+        "line": line,
+    }
     (scenario.log_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
     for failure in scenario.failures:
         print(f"  FAIL {number:02d}: {failure}", flush=True)
@@ -140,6 +150,7 @@ def run_scenario(number: int, name: str, time_limit: float, body: Callable[[Scen
 
 
 # --- the database ------------------------------------------------------------------------------
+
 
 class TempDatabase(shared.PrivateDatabase):
     """A fresh database on the local PostgreSQL for one scenario, dropped (WITH FORCE) when it ends."""
@@ -161,17 +172,40 @@ def drop_stale_databases() -> list[str]:
 
 # --- the service -------------------------------------------------------------------------------
 
+
 class Service(shared.Gunicorn):
     """The tasks API under gunicorn (the service tree's gunicorn.conf.py) on a free loopback port, stopped
     when the scenario ends."""
 
-    def __init__(self, scenario: Scenario, database_url: str, *, name: str = "service", workers: int = 2,
-                 threads: int = 4, port: int | None = None, env: dict[str, str] | None = None,
-                 wait: bool = True, secret: str = SECRET) -> None:
-        settings = {"BETTER_AUTH_SECRET": secret, "DATABASE_URL": database_url, "DB_CONNECT_TIMEOUT": "5",
-                    **(env or {})}
-        super().__init__(settings, scenario.log_dir / f"{name}.log", root=ROOT, workers=workers, threads=threads,
-                         port=port, python=PYTHON, name=name)
+    def __init__(
+        self,
+        scenario: Scenario,
+        database_url: str,
+        *,
+        name: str = "service",
+        workers: int = 2,
+        threads: int = 4,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        secret: str = SECRET,
+    ) -> None:
+        settings = {
+            "BETTER_AUTH_SECRET": secret,
+            "DATABASE_URL": database_url,
+            "DB_CONNECT_TIMEOUT": "5",
+            **(env or {}),
+        }
+        super().__init__(
+            settings,
+            scenario.log_dir / f"{name}.log",
+            root=ROOT,
+            workers=workers,
+            threads=threads,
+            port=port,
+            python=PYTHON,
+            name=name,
+        )
         self.scenario = scenario
         self.name = name
         self.base = self.base_url
@@ -186,8 +220,9 @@ class Service(shared.Gunicorn):
         try:
             return super().wait_healthy(timeout, path)
         except RuntimeError:
-            raise ScenarioFailure(f"{self.name} not healthy ({path}) after {timeout:.0f}s "
-                                  f"(see {self.process.log_path})") from None
+            raise ScenarioFailure(
+                f"{self.name} not healthy ({path}) after {timeout:.0f}s (see {self.process.log_path})"
+            ) from None
 
     def wait_workers_ready(self, db_port: int, timeout: float = 30) -> None:
         """Wait until every worker holds a pooled connection to db_port.
@@ -210,14 +245,16 @@ class Service(shared.Gunicorn):
                 connection.close()
             time.sleep(0.05)
         connected = set(self.worker_pids()) & pids_connected_to(db_port)
-        raise ScenarioFailure(f"{self.name}: {len(connected)}/{self.workers} workers connected to the database "
-                              f"after {timeout:.0f}s")
+        raise ScenarioFailure(
+            f"{self.name}: {len(connected)}/{self.workers} workers connected to the database after {timeout:.0f}s"
+        )
 
 
 def pids_connected_to(port: int) -> set[int]:
     """The pids that have an established TCP connection to 127.0.0.1:port."""
-    out = subprocess.run(["ss", "-tnpH", "state", "established", f"( dport = :{port} )"], capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(
+        ["ss", "-tnpH", "state", "established", f"( dport = :{port} )"], capture_output=True, text=True
+    ).stdout
     pids: set[int] = set()
     for chunk in out.split("pid=")[1:]:
         digits = chunk.split(",", 1)[0]
@@ -228,12 +265,14 @@ def pids_connected_to(port: int) -> set[int]:
 
 # --- tokens ------------------------------------------------------------------------------------
 
+
 def token(user_id: str, *, secret: str = SECRET, lifetime: int = 3600, **claims: Any) -> str:
     """An HS256 token for user_id, signed with this run's secret."""
     return shared.token(user_id, secret, lifetime=lifetime, **claims)
 
 
 # --- HTTP --------------------------------------------------------------------------------------
+
 
 @dataclass
 class Reply:
@@ -272,8 +311,16 @@ class Client:
         self.timeout = timeout
         self.connection: http.client.HTTPConnection | None = None
 
-    def request(self, method: str, path: str, *, token: str | None = None, json_body: Any = None,
-                body: bytes | None = None, headers: dict[str, str] | None = None) -> Reply:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        json_body: Any = None,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
         all_headers = dict(headers or {})
         if token is not None:
             all_headers["Authorization"] = f"Bearer {token}"
@@ -287,8 +334,13 @@ class Client:
             self.connection.request(method, path, body=body, headers=all_headers)
             response = self.connection.getresponse()
             data = response.read()
-            reply = Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, data,
-                          time.monotonic() - started, started)
+            reply = Reply(
+                response.status,
+                {k.lower(): v for k, v in response.getheaders()},
+                data,
+                time.monotonic() - started,
+                started,
+            )
             if response.will_close:
                 self.close()
             return reply
@@ -312,8 +364,13 @@ def raw_request(port: int, data: bytes, timeout: float = 10) -> Reply:
             response = http.client.HTTPResponse(sock, method=data.split(b" ", 1)[0].decode("latin1"))
             response.begin()
             body = response.read()
-            return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, body,
-                         time.monotonic() - started, started)
+            return Reply(
+                response.status,
+                {k.lower(): v for k, v in response.getheaders()},
+                body,
+                time.monotonic() - started,
+                started,
+            )
     except (OSError, http.client.HTTPException) as error:
         return Reply(0, {}, b"", time.monotonic() - started, started, f"{type(error).__name__}: {error}")
 
@@ -345,6 +402,7 @@ def run_threads(count: int, work: Callable[[int], Any], *, timeout: float) -> li
 
 
 # --- the TCP proxy -----------------------------------------------------------------------------
+
 
 class TcpProxy:
     """A TCP proxy on a loopback port in front of PostgreSQL, run by an asyncio loop in a thread.
@@ -395,8 +453,9 @@ class TcpProxy:
         self.pairs.discard(pair)
         pair = (writer, up_writer)
         self.pairs.add(pair)
-        await asyncio.gather(self._pump(reader, up_writer, pair), self._pump(up_reader, writer, pair),
-                             return_exceptions=True)
+        await asyncio.gather(
+            self._pump(reader, up_writer, pair), self._pump(up_reader, writer, pair), return_exceptions=True
+        )
         self.pairs.discard(pair)
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: Any) -> None:
@@ -464,6 +523,7 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 
 # --- PgBouncer and nginx -----------------------------------------------------------------------
 
+
 def require_binary(name: str) -> str:
     path = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
     if not path:
@@ -474,8 +534,9 @@ def require_binary(name: str) -> str:
 class PgBouncer:
     """Debian's pgbouncer, transaction pooling, trust auth, every database (wildcard) on the local server."""
 
-    def __init__(self, scenario: Scenario, *, pool_size: int = 10, target_port: int = PG_PORT,
-                 name: str = "pgbouncer") -> None:
+    def __init__(
+        self, scenario: Scenario, *, pool_size: int = 10, target_port: int = PG_PORT, name: str = "pgbouncer"
+    ) -> None:
         binary = require_binary("pgbouncer")
         self.port = free_port()
         folder = Path(tempfile.mkdtemp(prefix="faults-pgbouncer-"))
@@ -490,7 +551,7 @@ listen_addr = 127.0.0.1
 listen_port = {self.port}
 unix_socket_dir =
 auth_type = trust
-auth_file = {folder / 'userlist.txt'}
+auth_file = {folder / "userlist.txt"}
 pool_mode = transaction
 default_pool_size = {pool_size}
 min_pool_size = 0
@@ -503,8 +564,8 @@ server_reset_query =
 server_login_retry = 1
 ignore_startup_parameters = extra_float_digits,options
 application_name_add_host = 0
-logfile = {folder / 'pgbouncer.log'}
-pidfile = {folder / 'pgbouncer.pid'}
+logfile = {folder / "pgbouncer.log"}
+pidfile = {folder / "pgbouncer.pid"}
 admin_users = {PG_USER}
 """)
         argv = [binary, str(config)]
@@ -556,17 +617,17 @@ class Nginx:
         config.write_text(f"""daemon off;
 master_process on;
 worker_processes 1;
-pid {folder / 'nginx.pid'};
-error_log {scenario.log_dir / 'nginx-error.log'} warn;
+pid {folder / "nginx.pid"};
+error_log {scenario.log_dir / "nginx-error.log"} warn;
 events {{ worker_connections 512; }}
 http {{
   log_format upstreams '$request_method $uri $status upstream=[$upstream_addr] upstream_status=[$upstream_status]';
-  access_log {scenario.log_dir / 'nginx-access.log'} upstreams;
-  client_body_temp_path {folder / 'body'};
-  proxy_temp_path {folder / 'proxy'};
-  fastcgi_temp_path {folder / 'fastcgi'};
-  uwsgi_temp_path {folder / 'uwsgi'};
-  scgi_temp_path {folder / 'scgi'};
+  access_log {scenario.log_dir / "nginx-access.log"} upstreams;
+  client_body_temp_path {folder / "body"};
+  proxy_temp_path {folder / "proxy"};
+  fastcgi_temp_path {folder / "fastcgi"};
+  uwsgi_temp_path {folder / "uwsgi"};
+  scgi_temp_path {folder / "scgi"};
   upstream tasks_api {{
 {servers}
     keepalive 32;
@@ -606,11 +667,14 @@ http {{
 
 # An error in a log: gunicorn's own error lines, the application's ERROR/CRITICAL records, tracebacks.
 # Matched at the start of a line only: request lines echo paths that a client chose.
-ERROR_PATTERNS = [re.compile(pattern) for pattern in (
-    r"^\[[^\]]+\] \[\d+\] \[(ERROR|CRITICAL)\]",
-    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (ERROR|CRITICAL) ",
-    r"^Traceback \(most recent call last\)",
-)]
+ERROR_PATTERNS = [
+    re.compile(pattern)
+    for pattern in (
+        r"^\[[^\]]+\] \[\d+\] \[(ERROR|CRITICAL)\]",
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (ERROR|CRITICAL) ",
+        r"^Traceback \(most recent call last\)",
+    )
+]
 
 
 def log_errors(text: str) -> list[str]:

@@ -16,11 +16,31 @@ from harness import Client, Reply, TempDatabase, token
 DOCUMENTED = {200, 201, 204, 400, 401, 403, 404, 405, 413, 415, 422, 431, 503}
 
 # What each operation of a healthy run must answer (own tasks only; foreign probes are refused).
-EXPECTED_STATUS = {"create": 201, "toggle": 200, "toggle_set": 200, "list": 200, "list_paged": 200, "get": 200,
-                   "update": 200, "delete": 204, "foreign_get": 404, "foreign_user": 403}
+EXPECTED_STATUS = {
+    "create": 201,
+    "toggle": 200,
+    "toggle_set": 200,
+    "list": 200,
+    "list_paged": 200,
+    "get": 200,
+    "update": 200,
+    "delete": 204,
+    "foreign_get": 404,
+    "foreign_user": 403,
+}
 
-DEFAULT_MIX = {"create": 30, "toggle": 15, "toggle_set": 5, "list": 20, "list_paged": 5, "get": 10,
-               "update": 5, "delete": 5, "foreign_get": 3, "foreign_user": 2}
+DEFAULT_MIX = {
+    "create": 30,
+    "toggle": 15,
+    "toggle_set": 5,
+    "list": 20,
+    "list_paged": 5,
+    "get": 10,
+    "update": 5,
+    "delete": 5,
+    "foreign_get": 3,
+    "foreign_user": 2,
+}
 
 
 @dataclass
@@ -58,9 +78,20 @@ class MixedLoad:
     Bounded: stops at duration seconds, or max_requests per client, or when stop() is called.
     """
 
-    def __init__(self, port: int, users: list[str], clients: int, *, duration: float, mix: dict[str, int] | None = None,
-                 max_requests_per_client: int = 100_000, timeout: float = 20, think: float = 0.0,
-                 keep_bodies: bool = False, seed: int = 1) -> None:
+    def __init__(
+        self,
+        port: int,
+        users: list[str],
+        clients: int,
+        *,
+        duration: float,
+        mix: dict[str, int] | None = None,
+        max_requests_per_client: int = 100_000,
+        timeout: float = 20,
+        think: float = 0.0,
+        keep_bodies: bool = False,
+        seed: int = 1,
+    ) -> None:
         self.port = port
         self.users = users
         self.clients = clients
@@ -78,7 +109,7 @@ class MixedLoad:
         # Tasks that belong to someone: used for cross-user probes (a read of another's task id).
         self._all_tasks: dict[int, str] = {}
 
-    def start(self) -> "MixedLoad":
+    def start(self) -> MixedLoad:
         self.started = time.monotonic()
         for index in range(self.clients):
             thread = threading.Thread(target=self._run, args=(index,), daemon=True, name=f"load-{index}")
@@ -120,8 +151,17 @@ class MixedLoad:
         finally:
             client.close()
 
-    def _one(self, client: Client, rng: random.Random, index: int, user: str, bearer: str, own: list[int],
-             op: str, sequence: int) -> None:
+    def _one(
+        self,
+        client: Client,
+        rng: random.Random,
+        index: int,
+        user: str,
+        bearer: str,
+        own: list[int],
+        op: str,
+        sequence: int,
+    ) -> None:
         base = f"/api/{user}/tasks"
         title = None
         task_id = None
@@ -169,8 +209,20 @@ class MixedLoad:
             else:  # a write into another user's list: 403, and the database check finds no such task
                 method, path, payload = "POST", f"/api/{other}/tasks", {"title": f"intruder-{user}"}
         reply = client.request(method, path, token=bearer, json_body=payload)
-        record = Record(op, user, method, path, reply.status, reply.started, reply.elapsed, reply.is_json(),
-                        reply.error, title, task_id, body=reply.body if self.keep_bodies else b"")
+        record = Record(
+            op,
+            user,
+            method,
+            path,
+            reply.status,
+            reply.started,
+            reply.elapsed,
+            reply.is_json(),
+            reply.error,
+            title,
+            task_id,
+            body=reply.body if self.keep_bodies else b"",
+        )
         record.leak = _foreign_tasks(reply, user)
         if op == "foreign_get" and reply.status != 404 and reply.status != 503 and reply.status != 0:
             record.leak = (record.leak or "") + f" foreign task read answered {reply.status}"
@@ -213,8 +265,9 @@ def _foreign_tasks(reply: Reply, user: str) -> str | None:
     return None
 
 
-def database_matches(database: TempDatabase, result: LoadResult, users: list[str], *,
-                     allow_phantoms: bool = False) -> list[str]:
+def database_matches(
+    database: TempDatabase, result: LoadResult, users: list[str], *, allow_phantoms: bool = False
+) -> list[str]:
     """Every user's tasks in the database are exactly those created (201) and not deleted (204);
     no create that did not answer 201 left a row."""
     problems: list[str] = []
@@ -224,7 +277,9 @@ def database_matches(database: TempDatabase, result: LoadResult, users: list[str
     for task_id, user_id, title in rows:
         by_user[user_id][task_id] = title
     for user in set(users) | set(by_user):
-        expected = {task_id for task_id in result.created.get(user, {}) if task_id not in result.deleted.get(user, set())}
+        expected = {
+            task_id for task_id in result.created.get(user, {}) if task_id not in result.deleted.get(user, set())
+        }
         actual = set(by_user.get(user, {}))
         missing = expected - actual - result.uncertain.get(user, set())
         extra = actual - expected
@@ -235,8 +290,9 @@ def database_matches(database: TempDatabase, result: LoadResult, users: list[str
             extra = {task_id for task_id in extra if by_user[user][task_id] not in failed_here}
         if extra:
             sample = sorted(extra)[:5]
-            problems.append(f"{user}: {len(extra)} tasks never acknowledged, e.g. "
-                            f"{[(i, by_user[user][i]) for i in sample]}")
+            problems.append(
+                f"{user}: {len(extra)} tasks never acknowledged, e.g. {[(i, by_user[user][i]) for i in sample]}"
+            )
     failed = set().union(*result.failed_titles.values()) if result.failed_titles else set()
     leftover = failed & set(titles)
     if leftover and not allow_phantoms:

@@ -41,8 +41,15 @@ SCENARIOS = {
 def run(number: int) -> tuple[bool, str]:
     script, limit = SCENARIOS[number]
     started = time.monotonic()
-    process = subprocess.Popen([PYTHON, str(FAULTS / script)], cwd=FAULTS.parent, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+    process = subprocess.Popen(
+        [PYTHON, str(FAULTS / script)],
+        cwd=FAULTS.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
     output: list[str] = []
     try:
         out, _ = process.communicate(timeout=limit)
@@ -55,8 +62,10 @@ def run(number: int) -> tuple[bool, str]:
             os.killpg(process.pid, signal.SIGKILL)
             out, _ = process.communicate()
         output = (out or "").splitlines() + [f"scenario {number:02d}: killed after {limit}s FAIL"]
-    line = next((text for text in reversed(output) if text.startswith("scenario ")),
-                f"scenario {number:02d} {script}: no result line (exit {process.returncode}) FAIL")
+    line = next(
+        (text for text in reversed(output) if text.startswith("scenario ")),
+        f"scenario {number:02d} {script}: no result line (exit {process.returncode}) FAIL",
+    )
     for text in output:
         if text.startswith("  FAIL"):
             print(text, flush=True)

@@ -55,47 +55,84 @@ class ReadinessProbe(threading.Thread):
             time.sleep(0.25)
 
 
-def judge_window(scenario: Scenario, label: str, records: list[Record], probe: ReadinessProbe, down: float,
-                 up: float, *, require_ready_503: bool, until: float | None = None) -> dict[str, object]:
+def judge_window(
+    scenario: Scenario,
+    label: str,
+    records: list[Record],
+    probe: ReadinessProbe,
+    down: float,
+    up: float,
+    *,
+    require_ready_503: bool,
+    until: float | None = None,
+) -> dict[str, object]:
     """The checks for one outage window [down, up)."""
     during = [r for r in records if r.started >= down + 0.05 and r.started + r.elapsed < up]
     bad_during = [r for r in during if r.status != 503 or not r.json_ok]
-    scenario.check(not bad_during, f"{label}: {len(bad_during)} of {len(during)} requests made and answered during "
-                   f"the outage were not a JSON 503: {Counter(r.status for r in bad_during)}")
+    scenario.check(
+        not bad_during,
+        f"{label}: {len(bad_during)} of {len(during)} requests made and answered during "
+        f"the outage were not a JSON 503: {Counter(r.status for r in bad_during)}",
+    )
     # Recovery: from `up`, how long until every request started later succeeds.
     until = min(until or up + 15, up + 15)  # the next outage, if any, is not this one's recovery
     window = [r for r in records if up <= r.started < until and r.started + r.elapsed < until]
     failing = [r for r in window if not 200 <= r.status < 300]
     recovery = max((r.started - up for r in failing), default=0.0)
-    scenario.check(recovery <= RECOVERY, f"{label}: requests still failed {recovery:.1f}s after the database came "
-                   f"back (limit {RECOVERY:.0f}s)")
+    scenario.check(
+        recovery <= RECOVERY,
+        f"{label}: requests still failed {recovery:.1f}s after the database came back (limit {RECOVERY:.0f}s)",
+    )
     ready_down = [s for s in probe.samples if s[0] >= down + 0.05 and s[1] < up]
     ready_503 = sum(1 for s in ready_down if s[2] == 503 and s[3])
     if require_ready_503:
-        scenario.check(bool(ready_down) and ready_503 == len(ready_down),
-                       f"{label}: /health/ready during the outage answered {Counter(s[2] for s in ready_down)}")
+        scenario.check(
+            bool(ready_down) and ready_503 == len(ready_down),
+            f"{label}: /health/ready during the outage answered {Counter(s[2] for s in ready_down)}",
+        )
     ready_back = [s for s in probe.samples if up + RECOVERY <= s[0] and s[1] < until]
-    scenario.check(all(s[2] == 200 for s in ready_back),
-                   f"{label}: /health/ready after recovery answered {Counter(s[2] for s in ready_back)}")
+    scenario.check(
+        all(s[2] == 200 for s in ready_back),
+        f"{label}: /health/ready after recovery answered {Counter(s[2] for s in ready_back)}",
+    )
     started_down = [r for r in records if down <= r.started < up]
-    return {"max": f"{max((r.elapsed for r in started_down), default=0):.2f}s", "during": len(during), "503": sum(1 for r in during if r.status == 503), "recover": f"{recovery:.2f}s",
-            "ready503": f"{ready_503}/{len(ready_down)}"}
+    return {
+        "max": f"{max((r.elapsed for r in started_down), default=0):.2f}s",
+        "during": len(during),
+        "503": sum(1 for r in during if r.status == 503),
+        "recover": f"{recovery:.2f}s",
+        "ready503": f"{ready_503}/{len(ready_down)}",
+    }
 
 
-def check_records(scenario: Scenario, label: str, load: MixedLoad, database: TempDatabase, service: Service,
-                  users: list[str], cuts: list[float], partitions: list[tuple[float, float]] = ()) -> int:
+def check_records(
+    scenario: Scenario,
+    label: str,
+    load: MixedLoad,
+    database: TempDatabase,
+    service: Service,
+    users: list[str],
+    cuts: list[float],
+    partitions: list[tuple[float, float]] = (),
+) -> int:
     """The checks on every request and on the database; returns the count of ambiguous creates."""
     records = load.result.records
     slow = [r for r in records if r.elapsed > MAX_LATENCY]
-    scenario.check(not slow, f"{label}: {len(slow)} requests took longer than {MAX_LATENCY:.0f}s "
-                   f"(longest {max((r.elapsed for r in slow), default=0):.1f}s, {slow[0].method if slow else ''} "
-                   f"{slow[0].path if slow else ''} status {slow[0].status if slow else ''})")
+    scenario.check(
+        not slow,
+        f"{label}: {len(slow)} requests took longer than {MAX_LATENCY:.0f}s "
+        f"(longest {max((r.elapsed for r in slow), default=0):.1f}s, {slow[0].method if slow else ''} "
+        f"{slow[0].path if slow else ''} status {slow[0].status if slow else ''})",
+    )
     no_answer = [r for r in records if r.status == 0]
-    scenario.check(not no_answer, f"{label}: {len(no_answer)} requests got no HTTP answer, e.g. "
-                   f"{no_answer[0].error if no_answer else ''}")
+    scenario.check(
+        not no_answer,
+        f"{label}: {len(no_answer)} requests got no HTTP answer, e.g. {no_answer[0].error if no_answer else ''}",
+    )
     server_errors = [r for r in records if r.status >= 500 and r.status != 503]
-    scenario.check(not server_errors, f"{label}: {len(server_errors)} requests answered "
-                   f"{Counter(r.status for r in server_errors)}")
+    scenario.check(
+        not server_errors, f"{label}: {len(server_errors)} requests answered {Counter(r.status for r in server_errors)}"
+    )
     not_json = [r for r in records if r.status and not r.json_ok]
     scenario.check(not not_json, f"{label}: {len(not_json)} responses were not JSON")
     unexpected = set(r.status for r in records) - {200, 201, 503, 0}
@@ -112,18 +149,24 @@ def check_records(scenario: Scenario, label: str, load: MixedLoad, database: Tem
     for record in records:
         if record.op == "create" and record.status != 201 and record.title in stored:
             ended = record.started + record.elapsed
-            if any(record.started <= cut <= ended for cut in cuts) or \
-                    any(record.started < healed and ended > down for down, healed in partitions):
+            if any(record.started <= cut <= ended for cut in cuts) or any(
+                record.started < healed and ended > down for down, healed in partitions
+            ):
                 ambiguous += 1
-                scenario.notes.append(f"{label}: create in flight at the cut answered {record.status} but was "
-                                      f"committed: {record.title}")
+                scenario.notes.append(
+                    f"{label}: create in flight at the cut answered {record.status} but was committed: {record.title}"
+                )
             else:
-                scenario.check(False, f"{label}: a create that answered {record.status} left a row, though it "
-                               f"was not in flight at a cut: {record.title}")
+                scenario.check(
+                    False,
+                    f"{label}: a create that answered {record.status} left a row, though it "
+                    f"was not in flight at a cut: {record.title}",
+                )
     return ambiguous
     errors = log_errors(service.text())
-    scenario.check(not errors, f"{label}: {len(errors)} error lines in the service log, first: "
-                   f"{errors[0][:200] if errors else ''}")
+    scenario.check(
+        not errors, f"{label}: {len(errors)} error lines in the service log, first: {errors[0][:200] if errors else ''}"
+    )
 
 
 def direct(scenario: Scenario, database: TempDatabase) -> None:
@@ -160,13 +203,20 @@ def direct(scenario: Scenario, database: TempDatabase) -> None:
     part = judge_window(scenario, "partition", records, probe, part_at, healed_at, require_ready_503=False)
     ambiguous = check_records(scenario, "direct", load, database, service, USERS, [cut_at], [(part_at, healed_at)])
     service.process.stop()
-    scenario.numbers.update({
-        "requests": len(records), "created": sum(len(ids) for ids in load.result.created.values()),
-        "status": dict(sorted(Counter(r.status for r in records).items())),
-        "max_latency": f"{max((r.elapsed for r in records), default=0):.2f}s",
-        "cut_503": f"{cut['503']}/{cut['during']}", "cut_ready503": cut["ready503"], "cut_recover": cut["recover"],
-        "partition_max_latency": part["max"], "partition_recover": part["recover"], "ambiguous_creates": ambiguous,
-    })
+    scenario.numbers.update(
+        {
+            "requests": len(records),
+            "created": sum(len(ids) for ids in load.result.created.values()),
+            "status": dict(sorted(Counter(r.status for r in records).items())),
+            "max_latency": f"{max((r.elapsed for r in records), default=0):.2f}s",
+            "cut_503": f"{cut['503']}/{cut['during']}",
+            "cut_ready503": cut["ready503"],
+            "cut_recover": cut["recover"],
+            "partition_max_latency": part["max"],
+            "partition_recover": part["recover"],
+            "ambiguous_creates": ambiguous,
+        }
+    )
 
 
 def pooled(scenario: Scenario, database: TempDatabase) -> None:
@@ -177,8 +227,9 @@ def pooled(scenario: Scenario, database: TempDatabase) -> None:
     service = Service(scenario, database.url(port=bouncer.port), name="service-pooled", workers=2, threads=4)
     service.wait_workers_ready(bouncer.port)
     total = 5 + POOLED_OUTAGE + 10
-    load = MixedLoad(service.port, POOLED_USERS, CLIENTS, duration=total, mix=MIX, timeout=40, think=0.01,
-                     seed=2).start()
+    load = MixedLoad(
+        service.port, POOLED_USERS, CLIENTS, duration=total, mix=MIX, timeout=40, think=0.01, seed=2
+    ).start()
     probe = ReadinessProbe(service.port, total)
     probe.start()
     liveness = ReadinessProbe(service.port, total, path="/health")
@@ -200,20 +251,26 @@ def pooled(scenario: Scenario, database: TempDatabase) -> None:
     # Liveness needs no database, and a platform restarts a service whose liveness probe times out:
     # like every request, it must end within the bound, however many workers wait on the database.
     slow_live = [sample for sample in liveness.samples if sample[2] != 200 or sample[1] - sample[0] > MAX_LATENCY]
-    scenario.check(not slow_live, f"pooled: /health (no database) was slow or failing during the outage: "
-                   f"{len(slow_live)} of {len(liveness.samples)} probes, slowest "
-                   f"{max((s[1] - s[0] for s in liveness.samples), default=0):.1f}s")
+    scenario.check(
+        not slow_live,
+        f"pooled: /health (no database) was slow or failing during the outage: "
+        f"{len(slow_live)} of {len(liveness.samples)} probes, slowest "
+        f"{max((s[1] - s[0] for s in liveness.samples), default=0):.1f}s",
+    )
     records = load.result.records
     cut = judge_window(scenario, "pooled cut", records, probe, cut_at, back_at, require_ready_503=False)
     ambiguous = check_records(scenario, "pooled", load, database, service, POOLED_USERS, [cut_at])
     started_down = [r for r in records if cut_at <= r.started < back_at]
-    scenario.numbers.update({
-        "pooled_requests": len(records),
-        "pooled_max_latency": f"{max((r.elapsed for r in records), default=0):.2f}s",
-        "pooled_503": f"{sum(1 for r in started_down if r.status == 503)}/{len(started_down)}",
-        "pooled_recover": cut["recover"],
-        "pooled_health_max": f"{max((s[1] - s[0] for s in liveness.samples), default=0):.2f}s", "pooled_ambiguous_creates": ambiguous,
-    })
+    scenario.numbers.update(
+        {
+            "pooled_requests": len(records),
+            "pooled_max_latency": f"{max((r.elapsed for r in records), default=0):.2f}s",
+            "pooled_503": f"{sum(1 for r in started_down if r.status == 503)}/{len(started_down)}",
+            "pooled_recover": cut["recover"],
+            "pooled_health_max": f"{max((s[1] - s[0] for s in liveness.samples), default=0):.2f}s",
+            "pooled_ambiguous_creates": ambiguous,
+        }
+    )
 
 
 def body(scenario: Scenario) -> None:

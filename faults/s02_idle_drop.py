@@ -21,12 +21,15 @@ IDLE_CHECK = 2
 def terminate_idle(database: TempDatabase) -> int:
     rows = database.query(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND application_name = 'tasks-api' AND state = 'idle'")
+        "AND application_name = 'tasks-api' AND state = 'idle'"
+    )
     # Wait until the backends are gone, so that every request below meets a closed connection.
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        left = database.query("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                              "AND application_name = 'tasks-api'")[0][0]
+        left = database.query(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'tasks-api'"
+        )[0][0]
         if not left:
             break
         time.sleep(0.05)
@@ -44,8 +47,9 @@ def burst(port: int, round_number: int) -> list[tuple[str, int, bool]]:
         task_id = None
         for step in range(PER_CLIENT):
             if task_id is None or step % 4 == 0:
-                reply = client.request("POST", f"/api/{user}/tasks", token=bearer,
-                                       json_body={"title": f"r{round_number}-{step}"})
+                reply = client.request(
+                    "POST", f"/api/{user}/tasks", token=bearer, json_body={"title": f"r{round_number}-{step}"}
+                )
                 if reply.status == 201:
                     task_id = reply.json()["id"]
                 results.append(("create", reply.status, reply.is_json()))
@@ -66,8 +70,13 @@ def burst(port: int, round_number: int) -> list[tuple[str, int, bool]]:
 
 def body(scenario: Scenario) -> None:
     database = TempDatabase(scenario)
-    service = Service(scenario, database.url(), workers=2, threads=4,
-                      env={"DB_POOL_SIZE": "5", "DB_IDLE_CHECK_SECONDS": str(IDLE_CHECK)})
+    service = Service(
+        scenario,
+        database.url(),
+        workers=2,
+        threads=4,
+        env={"DB_POOL_SIZE": "5", "DB_IDLE_CHECK_SECONDS": str(IDLE_CHECK)},
+    )
     burst(service.port, 0)  # warm: every worker's pool holds several connections
     terminated_total = 0
     statuses: Counter[int] = Counter()
@@ -80,7 +89,7 @@ def body(scenario: Scenario) -> None:
         scenario.check(terminated > 0, f"round {round_number}: no idle connection of the service to terminate")
         # First one request at a time (each worker's first checkout meets a dead connection) ...
         client = Client(service.port, timeout=20)
-        for step in range(8):
+        for _step in range(8):
             reply = client.request("GET", "/api/idle-user-0/tasks", token=token("idle-user-0"))
             statuses[reply.status] += 1
             requests += 1
@@ -96,12 +105,21 @@ def body(scenario: Scenario) -> None:
                 errors.append(f"round {round_number} burst {op}: {status}")
     scenario.check(not errors, f"{len(errors)} errors surfaced to clients, first: {errors[:3]}")
     log_lines = log_errors(service.text())
-    scenario.check(not log_lines, f"{len(log_lines)} error lines in the service log, first: "
-                   f"{log_lines[0][:200] if log_lines else ''}")
+    scenario.check(
+        not log_lines,
+        f"{len(log_lines)} error lines in the service log, first: {log_lines[0][:200] if log_lines else ''}",
+    )
     warnings = service.text().count("database unavailable")
-    scenario.numbers.update({"rounds": ROUNDS, "terminated": terminated_total, "requests": requests,
-                             "errors": len(errors), "status": dict(sorted(statuses.items())),
-                             "logged_503s": warnings})
+    scenario.numbers.update(
+        {
+            "rounds": ROUNDS,
+            "terminated": terminated_total,
+            "requests": requests,
+            "errors": len(errors),
+            "status": dict(sorted(statuses.items())),
+            "logged_503s": warnings,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from collections import Counter
 
-from harness import (PYTHON, ROOT, PgBouncer, Scenario, Service, TempDatabase, log_errors, run_scenario)
+from harness import PYTHON, ROOT, PgBouncer, Scenario, Service, TempDatabase, log_errors, run_scenario
 from load import MixedLoad, database_matches
 
 LOAD_SECONDS = 20
@@ -34,14 +34,22 @@ def run_suite(scenario: Scenario, port: int) -> tuple[str, bool]:
     log_path = scenario.log_dir / "unit-tests.log"
     with open(log_path, "wb") as log:
         try:
-            completed = subprocess.run([PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=ROOT,
-                                       env=env, stdout=log, stderr=subprocess.STDOUT, timeout=SUITE_TIMEOUT)
+            completed = subprocess.run(
+                [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=SUITE_TIMEOUT,
+            )
             code = completed.returncode
         except subprocess.TimeoutExpired:
             code = -1
     text = log_path.read_text(errors="replace")
-    summary = next((line.strip("= ") for line in reversed(text.splitlines())
-                    if re.search(r"\d+ (passed|failed|error)", line)), f"no summary (exit {code})")
+    summary = next(
+        (line.strip("= ") for line in reversed(text.splitlines()) if re.search(r"\d+ (passed|failed|error)", line)),
+        f"no summary (exit {code})",
+    )
     ok = code == 0
     scenario.check(ok, f"unit tests through PgBouncer: {summary} (exit {code}; see {log_path})")
     return summary, ok
@@ -68,8 +76,14 @@ def body(scenario: Scenario) -> None:
         scenario.check(False, f"database after the load: {problem}")
     lines = log_errors(service.text())
     scenario.check(not lines, f"{len(lines)} error lines in the service log, first: {lines[0][:200] if lines else ''}")
-    scenario.numbers.update({"load_requests": len(records), "load_errors": len(errors),
-                             "status": dict(sorted(statuses.items())), "db_mismatches": len(problems)})
+    scenario.numbers.update(
+        {
+            "load_requests": len(records),
+            "load_errors": len(errors),
+            "status": dict(sorted(statuses.items())),
+            "db_mismatches": len(problems),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -14,9 +14,19 @@ import time
 from collections import Counter
 
 import psycopg2
-
-from harness import (PG_PORT, PG_USER, Client, PgBouncer, Scenario, ScenarioFailure, Service, TempDatabase, log_errors, run_scenario,
-                     token)
+from harness import (
+    PG_PORT,
+    PG_USER,
+    Client,
+    PgBouncer,
+    Scenario,
+    ScenarioFailure,
+    Service,
+    TempDatabase,
+    log_errors,
+    run_scenario,
+    token,
+)
 
 WORKERS = 3
 DDL_AUDIT = """
@@ -65,12 +75,14 @@ class Noise:
             thread.join(5)
 
 
-def start_instances(scenario: Scenario, label: str, url: str, db_port: int, database: TempDatabase,
-                    problems: list[str]) -> tuple[list[Service], float]:
+def start_instances(
+    scenario: Scenario, label: str, url: str, db_port: int, database: TempDatabase, problems: list[str]
+) -> tuple[list[Service], float]:
     """Start two instances at the same moment; wait until every worker holds a database connection."""
     started = time.monotonic()
-    instances = [Service(scenario, url, name=f"{label}-{name}", workers=WORKERS, threads=2, wait=False)
-                 for name in ("a", "b")]
+    instances = [
+        Service(scenario, url, name=f"{label}-{name}", workers=WORKERS, threads=2, wait=False) for name in ("a", "b")
+    ]
     for instance in instances:
         try:
             instance.wait_healthy(timeout=40)
@@ -80,10 +92,13 @@ def start_instances(scenario: Scenario, label: str, url: str, db_port: int, data
     ready_after = time.monotonic() - started
     time.sleep(1.0)
     blocked = database.query(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")[0][0]
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )[0][0]
     if blocked:
-        problems.append(f"{blocked} database session(s) of the service blocked on a lock after start-up "
-                        f"(a worker hung at boot waiting for the schema lock)")
+        problems.append(
+            f"{blocked} database session(s) of the service blocked on a lock after start-up "
+            f"(a worker hung at boot waiting for the schema lock)"
+        )
     # Every worker that accepts answers: readiness many times over, and a write through each instance.
     ready_statuses: Counter[int] = Counter()
     for instance in instances:
@@ -93,8 +108,9 @@ def start_instances(scenario: Scenario, label: str, url: str, db_port: int, data
             client = Client(instance.port, timeout=15)
             ready_statuses[client.request("GET", "/health/ready").status] += 1
             client.close()
-        reply = Client(instance.port, timeout=15).request("POST", "/api/cold/tasks", token=token("cold"),
-                                                          json_body={"title": f"via {instance.name}"})
+        reply = Client(instance.port, timeout=15).request(
+            "POST", "/api/cold/tasks", token=token("cold"), json_body={"title": f"via {instance.name}"}
+        )
         if reply.status != 201:
             problems.append(f"{instance.name}: create answered {reply.status} {reply.body[:120]!r}")
     if set(ready_statuses) - {200}:
@@ -132,8 +148,10 @@ def cold_start(scenario: Scenario, label: str, via_pgbouncer: bool) -> dict[str,
     # Round 1: the empty database. Round 2: the same two instances started again (a redeploy).
     instances, ready_cold = start_instances(scenario, f"{label}-cold", url, db_port, database, problems)
     error_lines = stop_instances(instances, problems)
-    locks = database.query("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
-                           "(SELECT oid FROM pg_database WHERE datname = current_database())")[0][0]
+    locks = database.query(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+        "(SELECT oid FROM pg_database WHERE datname = current_database())"
+    )[0][0]
     if locks:
         problems.append(f"{locks} advisory lock(s) still held after the instances stopped (leaked schema lock)")
     instances, ready_warm = start_instances(scenario, f"{label}-redeploy", url, db_port, database, problems)
@@ -144,27 +162,41 @@ def cold_start(scenario: Scenario, label: str, via_pgbouncer: bool) -> dict[str,
     for key, count in EXPECTED_DDL.items():
         if ddl.get(key, 0) != count:
             problems.append(f"{key[0]} {key[1]} ran {ddl.get(key, 0)} times")
-    tables = {name for (name,) in database.query(
-        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'faults_ddl'")}
+    tables = {
+        name
+        for (name,) in database.query(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'faults_ddl'"
+        )
+    }
     if tables != {"users", "tasks"}:
         problems.append(f"tables {sorted(tables)}")
     if error_lines:
         problems.append(f"{len(error_lines)} error lines in the logs, first: {error_lines[0][:300]}")
     for problem in problems:
         scenario.check(False, f"{label}: {problem}")
-    return {"ready": f"{ready_cold:.1f}s/{ready_warm:.1f}s", "ddl": sum(ddl.values()), "errors": len(error_lines),
-            "problems": len(problems)}
+    return {
+        "ready": f"{ready_cold:.1f}s/{ready_warm:.1f}s",
+        "ddl": sum(ddl.values()),
+        "errors": len(error_lines),
+        "problems": len(problems),
+    }
 
 
 def body(scenario: Scenario) -> None:
     direct = cold_start(scenario, "direct", via_pgbouncer=False)
     pooled = cold_start(scenario, "pgbouncer", via_pgbouncer=True)
-    scenario.numbers.update({
-        "instances": 2, "workers_each": WORKERS,
-        "direct_ready": direct["ready"], "direct_log_errors": direct["errors"], "direct_problems": direct["problems"],
-        "pgbouncer_ready": pooled["ready"], "pgbouncer_log_errors": pooled["errors"],
-        "pgbouncer_problems": pooled["problems"],
-    })
+    scenario.numbers.update(
+        {
+            "instances": 2,
+            "workers_each": WORKERS,
+            "direct_ready": direct["ready"],
+            "direct_log_errors": direct["errors"],
+            "direct_problems": direct["problems"],
+            "pgbouncer_ready": pooled["ready"],
+            "pgbouncer_log_errors": pooled["errors"],
+            "pgbouncer_problems": pooled["problems"],
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -43,11 +43,14 @@ def body(scenario: Scenario) -> None:
         states = Counter(state for _, state in results)
         expected = expected ^ (count % 2 == 1)
         stored = database.query("SELECT completed FROM tasks WHERE id = %s", (task_id,))[0][0]
-        scenario.check(stored == expected, f"after {count} concurrent toggles completed is {stored}, "
-                       f"parity says {expected}")
+        scenario.check(
+            stored == expected, f"after {count} concurrent toggles completed is {stored}, parity says {expected}"
+        )
         # Each toggle saw its own state: the answers alternate, so they split evenly (odd: one more of the last).
-        scenario.check(abs(states[True] - states[False]) <= 1, f"{count} toggle answers: {dict(states)} "
-                       "(two toggles answered the same step)")
+        scenario.check(
+            abs(states[True] - states[False]) <= 1,
+            f"{count} toggle answers: {dict(states)} (two toggles answered the same step)",
+        )
 
     titles = [f"title-{index:03d}" for index in range(100)]
 
@@ -67,16 +70,28 @@ def body(scenario: Scenario) -> None:
     scenario.check(stored_title in titles, f"stored title {stored_title!r} was never sent")
     scenario.check(stored_at >= newest_at, f"stored updated_at {stored_at} is older than a response's {newest_at}")
     winners = {title for stamp, title in answered if stamp == newest_at}
-    scenario.check(stored_title in winners, f"stored title {stored_title!r} is not the newest response's "
-                   f"{sorted(winners)} (an older write landed last but answered an earlier time)")
+    scenario.check(
+        stored_title in winners,
+        f"stored title {stored_title!r} is not the newest response's "
+        f"{sorted(winners)} (an older write landed last but answered an earlier time)",
+    )
     distinct_stamps = len({stamp for stamp, _ in answered})
-    scenario.check(distinct_stamps == len(answered), f"{len(answered) - distinct_stamps} PUT answers share an "
-                   "updated_at with another")
+    scenario.check(
+        distinct_stamps == len(answered),
+        f"{len(answered) - distinct_stamps} PUT answers share an updated_at with another",
+    )
     lines = log_errors(service.text())
     scenario.check(not lines, f"{len(lines)} error lines in the service log")
-    scenario.numbers.update({"toggles": toggles, "completed": stored, "puts": 100,
-                             "final_title": stored_title, "distinct_updated_at": distinct_stamps,
-                             "errors": sum(1 for s, _, _ in results if s != 200)})
+    scenario.numbers.update(
+        {
+            "toggles": toggles,
+            "completed": stored,
+            "puts": 100,
+            "final_title": stored_title,
+            "distinct_updated_at": distinct_stamps,
+            "errors": sum(1 for s, _, _ in results if s != 200),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -40,10 +40,16 @@ def body(scenario: Scenario) -> None:
     around = [r for r in bad if killed_at - 1 <= r.started + r.elapsed <= killed_at + 3]
     later = [r for r in records if r.started > killed_at + 3]
     later_bad = [r for r in later if r.status != EXPECTED_STATUS[r.op]]
-    scenario.check(bool(later) and not later_bad, f"after the kill the survivor did not serve cleanly: "
-                   f"{len(later_bad)} of {len(later)} requests failed: {Counter((r.op, r.status) for r in later_bad)}")
-    scenario.check(len(bad) == len(around), f"{len(bad) - len(around)} client errors away from the kill: "
-                   f"{Counter((r.op, r.status) for r in bad if r not in around)}")
+    scenario.check(
+        bool(later) and not later_bad,
+        f"after the kill the survivor did not serve cleanly: "
+        f"{len(later_bad)} of {len(later)} requests failed: {Counter((r.op, r.status) for r in later_bad)}",
+    )
+    scenario.check(
+        len(bad) == len(around),
+        f"{len(bad) - len(around)} client errors away from the kill: "
+        f"{Counter((r.op, r.status) for r in bad if r not in around)}",
+    )
     scenario.check(first.process.alive(), "the surviving instance died")
     problems = database_matches(database, load.result, USERS, allow_phantoms=True)
     for problem in problems:
@@ -52,16 +58,27 @@ def body(scenario: Scenario) -> None:
     failed_titles = set().union(*load.result.failed_titles.values()) if load.result.failed_titles else set()
     phantoms = len(failed_titles & titles)
     lines = log_errors(first.text())
-    scenario.check(not lines, f"{len(lines)} error lines in the survivor's log, first: {lines[0][:200] if lines else ''}")
+    scenario.check(
+        not lines, f"{len(lines)} error lines in the survivor's log, first: {lines[0][:200] if lines else ''}"
+    )
     created = sum(len(ids) for ids in load.result.created.values())
     retried = Counter(line.split(" ", 1)[0] for line in balancer.retried())
     by_method = Counter(r.method for r in around)
-    scenario.numbers.update({
-        "requests": len(records), "created": created, "kill_client_errors": len(around),
-        "kill_errors_by_method": dict(by_method), "kill_error_statuses": dict(Counter(r.status for r in around)),
-        "phantom_creates": phantoms, "balancer_retries": dict(retried), "after_kill_requests": len(later), "after_kill_errors": len(later_bad),
-        "lost_or_duplicated": len(problems), "status": dict(sorted(statuses.items())),
-    })
+    scenario.numbers.update(
+        {
+            "requests": len(records),
+            "created": created,
+            "kill_client_errors": len(around),
+            "kill_errors_by_method": dict(by_method),
+            "kill_error_statuses": dict(Counter(r.status for r in around)),
+            "phantom_creates": phantoms,
+            "balancer_retries": dict(retried),
+            "after_kill_requests": len(later),
+            "after_kill_errors": len(later_bad),
+            "lost_or_duplicated": len(problems),
+            "status": dict(sorted(statuses.items())),
+        }
+    )
 
 
 if __name__ == "__main__":

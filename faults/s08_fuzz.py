@@ -17,6 +17,7 @@ application) are not generated here: scenarios 9 and 10 cover those (4xx require
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -30,12 +31,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from hypothesis import HealthCheck, Phase, given, settings, strategies as st
-
-from harness import (ROOT, SECRET, Client, Reply, Scenario, Service, TempDatabase, log_errors, run_scenario,
-                     token)
-
 import jwt
+from harness import ROOT, SECRET, Client, Reply, Scenario, Service, TempDatabase, log_errors, run_scenario, token
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 EXAMPLES = int(os.environ.get("FAULTS_FUZZ_EXAMPLES", "10000"))
 ALICE, BOB = "fuzz-alice", "fuzz-bob"
@@ -46,22 +45,52 @@ ALLOWED = {
     "collection": {"GET", "HEAD", "POST", "OPTIONS"},
     "item": {"GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"},
     "complete": {"PATCH", "OPTIONS"},
-    "health": {"GET", "HEAD", "OPTIONS"}, "ready": {"GET", "HEAD", "OPTIONS"},
-    "openapi": {"GET", "HEAD", "OPTIONS"}, "docs": {"GET", "HEAD", "OPTIONS"},
+    "health": {"GET", "HEAD", "OPTIONS"},
+    "ready": {"GET", "HEAD", "OPTIONS"},
+    "openapi": {"GET", "HEAD", "OPTIONS"},
+    "docs": {"GET", "HEAD", "OPTIONS"},
 }
-OPENAPI_PATHS = {"collection": "/api/{user_id}/tasks", "item": "/api/{user_id}/tasks/{task_id}",
-                 "complete": "/api/{user_id}/tasks/{task_id}/complete", "health": "/health",
-                 "ready": "/health/ready", "openapi": "/openapi.json", "docs": "/docs"}
+OPENAPI_PATHS = {
+    "collection": "/api/{user_id}/tasks",
+    "item": "/api/{user_id}/tasks/{task_id}",
+    "complete": "/api/{user_id}/tasks/{task_id}/complete",
+    "health": "/health",
+    "ready": "/health/ready",
+    "openapi": "/openapi.json",
+    "docs": "/docs",
+}
 FIXED_PATHS = {"health": "/health", "ready": "/health/ready", "openapi": "/openapi.json", "docs": "/docs"}
-JUNK_PATHS = ["/", "/api", "/api/", "/api/{uid}", "/api/{uid}/", "/api/{uid}/tasks/", "/api/{uid}/tasks/{tid}/",
-              "/api/{uid}/tasks/{tid}/complete/", "/api/{uid}/tasks/{tid}/complete/x", "/api/{uid}/task",
-              "/API/{uid}/tasks", "/api/{uid}/tasks/{tid}/done", "/health/", "/healthz", "/favicon.ico",
-              "/api/{uid}/tasks/{tid}/x/y", "/openapi.yaml", "/docs/", "/.env", "/admin",
-              "/api//{uid}/tasks", "/api/{uid}//tasks", "/api/{uid}/tasks//{tid}", "/health//ready",
-              "/api/{uid}/tasks/{tid}//complete"]
+JUNK_PATHS = [
+    "/",
+    "/api",
+    "/api/",
+    "/api/{uid}",
+    "/api/{uid}/",
+    "/api/{uid}/tasks/",
+    "/api/{uid}/tasks/{tid}/",
+    "/api/{uid}/tasks/{tid}/complete/",
+    "/api/{uid}/tasks/{tid}/complete/x",
+    "/api/{uid}/task",
+    "/API/{uid}/tasks",
+    "/api/{uid}/tasks/{tid}/done",
+    "/health/",
+    "/healthz",
+    "/favicon.ico",
+    "/api/{uid}/tasks/{tid}/x/y",
+    "/openapi.yaml",
+    "/docs/",
+    "/.env",
+    "/admin",
+    "/api//{uid}/tasks",
+    "/api/{uid}//tasks",
+    "/api/{uid}/tasks//{tid}",
+    "/health//ready",
+    "/api/{uid}/tasks/{tid}//complete",
+]
 
 
 # --- the generated request ---------------------------------------------------------------------
+
 
 @dataclass
 class Fuzzed:
@@ -97,19 +126,22 @@ class Fuzzed:
 
     def describe(self) -> str:
         body = self.body if self.body is None or len(self.body) < 120 else self.body[:120] + b"..."
-        return (f"{self.method} {self.path[:200]} auth={self.auth} ct={self.content_type!r} chunked={self.chunked} "
-                f"headers={[(n, v[:60]) for n, v in self.headers]} body={body!r}")
+        return (
+            f"{self.method} {self.path[:200]} auth={self.auth} ct={self.content_type!r} chunked={self.chunked} "
+            f"headers={[(n, v[:60]) for n, v in self.headers]} body={body!r}"
+        )
 
 
 def _chunked(body: bytes) -> bytes:
     out = b""
     for start in range(0, len(body), 4000):
-        piece = body[start:start + 4000]
+        piece = body[start : start + 4000]
         out += b"%x\r\n" % len(piece) + piece + b"\r\n"
     return out + b"0\r\n\r\n"
 
 
 # --- the oracle --------------------------------------------------------------------------------
+
 
 def _text_ok(value: str) -> bool:
     if "\x00" in value:
@@ -132,13 +164,20 @@ def _fields_status(payload: Any, *, partial: bool) -> int:
         return 422
     if "title" in payload:
         title = payload["title"]
-        if not isinstance(title, str) or not _text_ok(title.strip()) or not title.strip() \
-                or len(title.strip()) > TITLE_MAX:
+        if (
+            not isinstance(title, str)
+            or not _text_ok(title.strip())
+            or not title.strip()
+            or len(title.strip()) > TITLE_MAX
+        ):
             return 422
     if "description" in payload and payload["description"] is not None:
         description = payload["description"]
-        if not isinstance(description, str) or not _text_ok(description.strip()) \
-                or len(description.strip()) > DESCRIPTION_MAX:
+        if (
+            not isinstance(description, str)
+            or not _text_ok(description.strip())
+            or len(description.strip()) > DESCRIPTION_MAX
+        ):
             return 422
     if "completed" in payload and not isinstance(payload["completed"], bool):
         return 422
@@ -174,8 +213,11 @@ def _query_status(pairs: list[tuple[str, str]]) -> int:
     args: dict[str, str] = {}
     for key, value in pairs:
         args.setdefault(key, value)
-    choices = {"status": ("all", "pending", "completed"), "sort": ("created", "updated", "title"),
-               "order": ("asc", "desc")}
+    choices = {
+        "status": ("all", "pending", "completed"),
+        "sort": ("created", "updated", "title"),
+        "order": ("asc", "desc"),
+    }
     for name, allowed in choices.items():
         if name in args and args[name] not in allowed:
             return 422
@@ -243,40 +285,130 @@ def expected_status(request: Fuzzed, live: set[int]) -> int | None:
 
 # --- the grammar -------------------------------------------------------------------------------
 
-SAFE_ID = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.~", min_size=1,
-                  max_size=40).filter(lambda s: s not in (".", ".."))
-HEADER_TEXT = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_characters="\x7f"),
-                      max_size=300)
-JSON_LEAF = (st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70)
-             | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30))
-JSON_VALUE = st.recursive(JSON_LEAF, lambda inner: st.lists(inner, max_size=4)
-                          | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=12)
+SAFE_ID = st.text(
+    alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.~", min_size=1, max_size=40
+).filter(lambda s: s not in (".", ".."))
+HEADER_TEXT = st.text(
+    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_characters="\x7f"), max_size=300
+)
+JSON_LEAF = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=30)
+)
+JSON_VALUE = st.recursive(
+    JSON_LEAF,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
 TEXT_FIELD = st.one_of(
-    st.text(max_size=40), st.text(min_size=195, max_size=205), st.text(min_size=995, max_size=1005),
-    st.sampled_from(["", " ", "   a   ", "\t\n", "\x00", "a\x00b", "\u200b", "\ufeff", "é", "\U0001F600" * 201,
-                     "<script>alert(1)</script>", "' OR 1=1 --", "%s%s%n", "{{7*7}}", "\\ud800"]),
+    st.text(max_size=40),
+    st.text(min_size=195, max_size=205),
+    st.text(min_size=995, max_size=1005),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "   a   ",
+            "\t\n",
+            "\x00",
+            "a\x00b",
+            "\u200b",
+            "\ufeff",
+            "é",
+            "\U0001f600" * 201,
+            "<script>alert(1)</script>",
+            "' OR 1=1 --",
+            "%s%s%n",
+            "{{7*7}}",
+            "\\ud800",
+        ]
+    ),
 )
 FIELD_VALUE = TEXT_FIELD | JSON_VALUE | st.sampled_from([True, False, None, 0, 1, "true", "false", [], {}])
 TASK_BODY = st.dictionaries(
     st.sampled_from(["title", "description", "completed", "id", "user_id", "created_at", "owner", "__proto__"]),
-    FIELD_VALUE, max_size=5)
+    FIELD_VALUE,
+    max_size=5,
+)
 SPECIAL_BODIES = [
-    b"", b"null", b"[]", b"{}", b"\"x\"", b"0", b"{", b"{\"title\": }", b"{\"title\": \"a\"", b"\xff\xfe\x00",
-    b"{\"title\": \"\\ud800\"}", b"{\"title\": \"\\u0000\"}", b"{\"title\": NaN}", b"{\"title\": Infinity}",
-    b"{\"title\": 1e999999}", b"{\"completed\": 1e999999}", b"{\"title\": " + b"1" * 5000 + b"}",
-    b"[" * 50_000 + b"]" * 50_000, b"{\"a\":" * 20_000 + b"1" + b"}" * 20_000,
-    b"{\"title\": \"" + b"a" * 70_000 + b"\"}", b" " * 65_537, b"\xef\xbb\xbf{\"title\": \"bom\"}",
-    "{\"title\": \"é\"}".encode("utf-16"), b"{\"title\": \"\xe9\"}", b"{\"title\": \"a\", \"title\": 5}",
-    b"{\"completed\": true, \"completed\": \"x\"}", b"\x00" * 10, b"title=a&completed=true",
+    b"",
+    b"null",
+    b"[]",
+    b"{}",
+    b'"x"',
+    b"0",
+    b"{",
+    b'{"title": }',
+    b'{"title": "a"',
+    b"\xff\xfe\x00",
+    b'{"title": "\\ud800"}',
+    b'{"title": "\\u0000"}',
+    b'{"title": NaN}',
+    b'{"title": Infinity}',
+    b'{"title": 1e999999}',
+    b'{"completed": 1e999999}',
+    b'{"title": ' + b"1" * 5000 + b"}",
+    b"[" * 50_000 + b"]" * 50_000,
+    b'{"a":' * 20_000 + b"1" + b"}" * 20_000,
+    b'{"title": "' + b"a" * 70_000 + b'"}',
+    b" " * 65_537,
+    b'\xef\xbb\xbf{"title": "bom"}',
+    '{"title": "é"}'.encode("utf-16"),
+    b'{"title": "\xe9"}',
+    b'{"title": "a", "title": 5}',
+    b'{"completed": true, "completed": "x"}',
+    b"\x00" * 10,
+    b"title=a&completed=true",
 ]
-CONTENT_TYPES = [None, "application/json", "application/json; charset=utf-8", "APPLICATION/JSON",
-                 "application/merge-patch+json", "application/json-seq", "text/plain", "text/json",
-                 "application/x-www-form-urlencoded", "multipart/form-data; boundary=xyz", "", "application/jsonx",
-                 "application/json; charset=latin-1", "*/*"]
+CONTENT_TYPES = [
+    None,
+    "application/json",
+    "application/json; charset=utf-8",
+    "APPLICATION/JSON",
+    "application/merge-patch+json",
+    "application/json-seq",
+    "text/plain",
+    "text/json",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=xyz",
+    "",
+    "application/jsonx",
+    "application/json; charset=latin-1",
+    "*/*",
+]
 QUERY_KEYS = ["status", "sort", "order", "limit", "offset", "token", "access_token", "user_id", "page", "q"]
-QUERY_VALUES = ["all", "pending", "completed", "created", "updated", "title", "asc", "desc", "0", "1", "20", "1000",
-                "1001", "-1", "2147483647", "2147483648", "999999999999", "9999999999999", "1.5", "1e3", " 1", "٣",
-                "", "ALL", "Pending", "%", "null"]
+QUERY_VALUES = [
+    "all",
+    "pending",
+    "completed",
+    "created",
+    "updated",
+    "title",
+    "asc",
+    "desc",
+    "0",
+    "1",
+    "20",
+    "1000",
+    "1001",
+    "-1",
+    "2147483647",
+    "2147483648",
+    "999999999999",
+    "9999999999999",
+    "1.5",
+    "1e3",
+    " 1",
+    "٣",
+    "",
+    "ALL",
+    "Pending",
+    "%",
+    "null",
+]
 
 
 @dataclass
@@ -298,14 +430,18 @@ def make_tokens() -> Tokens:
 
     claims = {"sub": ALICE, "iat": now, "exp": now + 4 * 3600}
     return Tokens(
-        own=[valid, token(ALICE, lifetime=4 * 3600, email="a@example.com", aud="whatever", iss="x"),
-             leeway_token(),
-             jwt.encode(claims, SECRET, algorithm="HS256", headers={"kid": "k1", "typ": "JWT"})],
+        own=[
+            valid,
+            token(ALICE, lifetime=4 * 3600, email="a@example.com", aud="whatever", iss="x"),
+            leeway_token(),
+            jwt.encode(claims, SECRET, algorithm="HS256", headers={"kid": "k1", "typ": "JWT"}),
+        ],
         other=token(BOB, lifetime=4 * 3600),
         invalid=[
             jwt.encode({**claims, "exp": now - 3600}, SECRET, algorithm="HS256"),
             jwt.encode(claims, "another-secret-of-sufficient-length-0123456789", algorithm="HS256"),
-            jwt.encode(claims, SECRET, algorithm="HS512"), jwt.encode(claims, SECRET, algorithm="HS384"),
+            jwt.encode(claims, SECRET, algorithm="HS512"),
+            jwt.encode(claims, SECRET, algorithm="HS384"),
             b64({"alg": "none", "typ": "JWT"}) + "." + b64(claims) + ".",
             b64({"alg": "HS256", "typ": "JWT"}) + "." + b64({**claims, "sub": BOB}) + "." + signature,
             header + "." + b64({**claims, "exp": now + 10**6}) + "." + signature,
@@ -316,14 +452,31 @@ def make_tokens() -> Tokens:
             jwt.encode({**claims, "sub": None}, SECRET, algorithm="HS256"),
             jwt.encode({**claims, "nbf": now + 3600}, SECRET, algorithm="HS256"),
             jwt.encode({**claims, "exp": "tomorrow"}, SECRET, algorithm="HS256"),
-            valid[:-3], valid + "x", header + "." + payload, "a.b.c", "e30.e30.", "x" * 300,
+            valid[:-3],
+            valid + "x",
+            header + "." + payload,
+            "a.b.c",
+            "e30.e30.",
+            "x" * 300,
             b64({"alg": "RS256"}) + "." + b64(claims) + ".c2ln",
             b64({"alg": "EdDSA", "kid": "x"}) + "." + b64(claims) + ".c2ln",
             b64({"alg": "HS256", "crit": ["exp"]}) + "." + b64(claims) + ".c2ln",
         ],
-        malformed=["", "Bearer", "Bearer ", "Basic YWxpY2U6cHc=", f"Token {valid}", f"Bearer {valid}, Bearer x",
-                   f"Bearer\t{valid}", f"Bearer {valid} extra", f"{valid}", "Bearer ===", "Bearer .",
-                   f"Bearer {valid}%00", "Bearer ä"],
+        malformed=[
+            "",
+            "Bearer",
+            "Bearer ",
+            "Basic YWxpY2U6cHc=",
+            f"Token {valid}",
+            f"Bearer {valid}, Bearer x",
+            f"Bearer\t{valid}",
+            f"Bearer {valid} extra",
+            f"{valid}",
+            "Bearer ===",
+            "Bearer .",
+            f"Bearer {valid}%00",
+            "Bearer ä",
+        ],
     )
 
 
@@ -335,10 +488,24 @@ def leeway_token() -> str:
 
 @st.composite
 def requests(draw: Any, tokens: Tokens, live: list[int], foreign: list[int]) -> Fuzzed:
-    route = draw(st.sampled_from(["collection"] * 6 + ["item"] * 6 + ["complete"] * 4 +
-                                 ["health", "ready", "openapi", "docs", "junk", "junk"]))
-    any_method = draw(st.sampled_from(["GET"] * 5 + ["POST"] * 4 + ["PUT"] * 2 + ["PATCH"] * 4 + ["DELETE"] * 2 +
-                                      ["HEAD", "OPTIONS", "TRACE", "PROPFIND", "CONNECT", "FOO"]))
+    route = draw(
+        st.sampled_from(
+            ["collection"] * 6
+            + ["item"] * 6
+            + ["complete"] * 4
+            + ["health", "ready", "openapi", "docs", "junk", "junk"]
+        )
+    )
+    any_method = draw(
+        st.sampled_from(
+            ["GET"] * 5
+            + ["POST"] * 4
+            + ["PUT"] * 2
+            + ["PATCH"] * 4
+            + ["DELETE"] * 2
+            + ["HEAD", "OPTIONS", "TRACE", "PROPFIND", "CONNECT", "FOO"]
+        )
+    )
     route_method = draw(st.sampled_from(sorted(ALLOWED.get(route, {"GET"}) - {"OPTIONS", "HEAD"})))
     method = route_method if draw(st.integers(0, 4)) else any_method
     # The user id of the path: Alice, Bob, a safe random one, or a wild (percent-encoded) one.
@@ -355,15 +522,51 @@ def requests(draw: Any, tokens: Tokens, live: list[int], foreign: list[int]) -> 
         raw = draw(st.text(min_size=0, max_size=60))
         uid, uid_wire = None, urllib.parse.quote(raw, safe="") or "%20"
         if draw(st.booleans()):
-            uid_wire = draw(st.sampled_from(["%", "%zz", "%ff%fe", "%00", "a%2Fb", "..", "%2e%2e", "%252e",
-                                             "al%69ce", "FUZZ-ALICE", "x" * 500, "%C3%A9"]))
+            uid_wire = draw(
+                st.sampled_from(
+                    [
+                        "%",
+                        "%zz",
+                        "%ff%fe",
+                        "%00",
+                        "a%2Fb",
+                        "..",
+                        "%2e%2e",
+                        "%252e",
+                        "al%69ce",
+                        "FUZZ-ALICE",
+                        "x" * 500,
+                        "%C3%A9",
+                    ]
+                )
+            )
     # The task id segment.
     tid_kind = draw(st.sampled_from(["live"] * 5 + ["foreign", "missing", "junk", "wild"]))
     # Every branch draws the same things: what is drawn must not depend on the run's state.
     pick = draw(st.integers(min_value=0, max_value=10**6))
     missing = draw(st.sampled_from(["0", "1000000", "2147483647", "2147483648", "99999999999", "4294967297"]))
-    junk = draw(st.sampled_from(["abc", "1.5", "1e3", "+1", "-1", "0x10", "01", "٣", "１", "1 ", "null",
-                                 "undefined", "NaN", "'1'", "1;DROP TABLE tasks", "00000000001"]))
+    junk = draw(
+        st.sampled_from(
+            [
+                "abc",
+                "1.5",
+                "1e3",
+                "+1",
+                "-1",
+                "0x10",
+                "01",
+                "٣",
+                "１",
+                "1 ",
+                "null",
+                "undefined",
+                "NaN",
+                "'1'",
+                "1;DROP TABLE tasks",
+                "00000000001",
+            ]
+        )
+    )
     wild_tid = draw(st.text(max_size=20))
     recent = live[-200:]
     if tid_kind == "live" and recent:
@@ -391,8 +594,14 @@ def requests(draw: Any, tokens: Tokens, live: list[int], foreign: list[int]) -> 
     else:
         path = FIXED_PATHS[route]
     # Werkzeug merges repeated slashes; an empty user id would merge into another route: leave it to the wild.
-    if "//" in path or "/./" in path or "/../" in path or path.endswith(("/.", "/..")) or tid is None and \
-            route in ("item", "complete"):
+    if (
+        "//" in path
+        or "/./" in path
+        or "/../" in path
+        or path.endswith(("/.", "/.."))
+        or tid is None
+        and route in ("item", "complete")
+    ):
         uid = None
     if route == "junk" and ("%2F" in path.upper() or "%2E" in path.upper()):
         uid = None
@@ -400,23 +609,48 @@ def requests(draw: Any, tokens: Tokens, live: list[int], foreign: list[int]) -> 
     query: list[tuple[str, str]] | None = []
     query_kind = draw(st.sampled_from(["none"] * 3 + ["valid", "pairs", "wild"]))
     if query_kind == "valid":
-        query = draw(st.lists(st.tuples(st.sampled_from(QUERY_KEYS[:5]), st.sampled_from(QUERY_VALUES[:12])),
-                              max_size=4))
+        query = draw(
+            st.lists(st.tuples(st.sampled_from(QUERY_KEYS[:5]), st.sampled_from(QUERY_VALUES[:12])), max_size=4)
+        )
     elif query_kind == "pairs":
-        query = draw(st.lists(st.tuples(st.sampled_from(QUERY_KEYS) | st.text(max_size=8),
-                                        st.sampled_from(QUERY_VALUES) | st.text(max_size=20)), max_size=5))
+        query = draw(
+            st.lists(
+                st.tuples(
+                    st.sampled_from(QUERY_KEYS) | st.text(max_size=8),
+                    st.sampled_from(QUERY_VALUES) | st.text(max_size=20),
+                ),
+                max_size=5,
+            )
+        )
         if draw(st.booleans()):
             query.append((draw(st.sampled_from(["token", "access_token", "jwt"])), tokens.own[0]))
     if query_kind == "wild":
         query = None
-        path += "?" + draw(st.sampled_from(["%", "%ff=1", "status=%ff", "a=b=c", "&&&", "status", "limit=",
-                                            "status=pending&status=bogus", "limit=%31%30", ";status=x",
-                                            "sort=title#frag", "limit=1&limit=x", "x=%00"]))
+        path += "?" + draw(
+            st.sampled_from(
+                [
+                    "%",
+                    "%ff=1",
+                    "status=%ff",
+                    "a=b=c",
+                    "&&&",
+                    "status",
+                    "limit=",
+                    "status=pending&status=bogus",
+                    "limit=%31%30",
+                    ";status=x",
+                    "sort=title#frag",
+                    "limit=1&limit=x",
+                    "x=%00",
+                ]
+            )
+        )
     elif query:
         path += "?" + "&".join(f"{urllib.parse.quote(k, safe='')}={urllib.parse.quote(v, safe='')}" for k, v in query)
     # Authorization.
-    auth_kind = draw(st.sampled_from(["own"] * 8 + ["other"] * 2 + ["none", "invalid", "invalid", "malformed",
-                                                                     "random"]))
+    auth_kind = draw(
+        st.sampled_from(["own"] * 8 + ["other"] * 2 + ["none", "invalid", "invalid", "malformed", "random"])
+    )
     headers: list[tuple[str, str]] = []
     auth = auth_kind
     if auth_kind == "own":
@@ -442,21 +676,45 @@ def requests(draw: Any, tokens: Tokens, live: list[int], foreign: list[int]) -> 
     request_id = draw(st.sampled_from([None, None, "req-123", "a b", "x" * 129, "ok:1.2_3-4"]) | HEADER_TEXT)
     if request_id is not None:
         headers.append(("X-Request-ID", request_id))
-    extra = draw(st.lists(st.sampled_from([
-        ("Cookie", f"token={tokens.own[0]}; session=abc"), ("X-HTTP-Method-Override", "DELETE"),
-        ("X-Forwarded-For", "1.2.3.4"), ("X-Forwarded-Host", "evil.example"), ("Accept", "text/html"),
-        ("Accept-Encoding", "gzip"), ("Content-Encoding", "gzip"), ("X-User-Id", BOB), ("X-Original-URL", "/admin"),
-        ("Expect", "100-continue"), ("Connection", "keep-alive"), ("Range", "bytes=0-10"),
-        ("If-None-Match", "*"), ("Accept-Language", "ä" * 50)]), max_size=3, unique=True))
+    extra = draw(
+        st.lists(
+            st.sampled_from(
+                [
+                    ("Cookie", f"token={tokens.own[0]}; session=abc"),
+                    ("X-HTTP-Method-Override", "DELETE"),
+                    ("X-Forwarded-For", "1.2.3.4"),
+                    ("X-Forwarded-Host", "evil.example"),
+                    ("Accept", "text/html"),
+                    ("Accept-Encoding", "gzip"),
+                    ("Content-Encoding", "gzip"),
+                    ("X-User-Id", BOB),
+                    ("X-Original-URL", "/admin"),
+                    ("Expect", "100-continue"),
+                    ("Connection", "keep-alive"),
+                    ("Range", "bytes=0-10"),
+                    ("If-None-Match", "*"),
+                    ("Accept-Language", "ä" * 50),
+                ]
+            ),
+            max_size=3,
+            unique=True,
+        )
+    )
     headers += extra
     # Body.
-    body_kind = draw(st.sampled_from(["none"] * 3 + ["valid"] * 3 + ["task"] * 5 + ["json"] * 2 + ["special"] * 2
-                                     + ["binary"]))
+    body_kind = draw(
+        st.sampled_from(["none"] * 3 + ["valid"] * 3 + ["task"] * 5 + ["json"] * 2 + ["special"] * 2 + ["binary"])
+    )
     body: bytes | None = None
     if body_kind == "valid":
         payload = {"title": draw(st.text(min_size=1, max_size=60).filter(lambda t: t.strip()))}
-        payload.update(draw(st.fixed_dictionaries({}, optional={"description": st.none() | st.text(max_size=80),
-                                                                 "completed": st.booleans()})))
+        payload.update(
+            draw(
+                st.fixed_dictionaries(
+                    {}, optional={"description": st.none() | st.text(max_size=80), "completed": st.booleans()}
+                )
+            )
+        )
         body = json.dumps(payload, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
     elif body_kind == "task":
         payload = draw(TASK_BODY)
@@ -467,16 +725,33 @@ def requests(draw: Any, tokens: Tokens, live: list[int], foreign: list[int]) -> 
         body = draw(st.sampled_from(SPECIAL_BODIES))
     elif body_kind == "binary":
         body = draw(st.binary(max_size=200))
-    content_type = draw(st.sampled_from(CONTENT_TYPES[:3] * 4 + CONTENT_TYPES)) if body is not None else \
-        draw(st.sampled_from([None] * 6 + CONTENT_TYPES))
+    content_type = (
+        draw(st.sampled_from(CONTENT_TYPES[:3] * 4 + CONTENT_TYPES))
+        if body is not None
+        else draw(st.sampled_from([None] * 6 + CONTENT_TYPES))
+    )
     chunked = body is not None and draw(st.integers(0, 9)) == 0
     if body is None and draw(st.integers(0, 9)) == 0:
         body = b""
-    return Fuzzed(method=method, route=route, path=path, uid=uid, tid=tid, query=query, auth=auth, headers=headers,
-                  content_type=content_type, body=body, chunked=chunked, origin=origin, request_id=request_id)
+    return Fuzzed(
+        method=method,
+        route=route,
+        path=path,
+        uid=uid,
+        tid=tid,
+        query=query,
+        auth=auth,
+        headers=headers,
+        content_type=content_type,
+        body=body,
+        chunked=chunked,
+        origin=origin,
+        request_id=request_id,
+    )
 
 
 # --- the client --------------------------------------------------------------------------------
+
 
 class RawClient:
     """Keep-alive HTTP/1.1 over a plain socket: the bytes go out exactly as built."""
@@ -499,8 +774,13 @@ class RawClient:
                 response = http.client.HTTPResponse(self.sock, method=request.method)
                 response.begin()
                 body = response.read()
-                reply = Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, body,
-                              time.monotonic() - started, started)
+                reply = Reply(
+                    response.status,
+                    {k.lower(): v for k, v in response.getheaders()},
+                    body,
+                    time.monotonic() - started,
+                    started,
+                )
                 if response.will_close:
                     self.close()
                 return reply
@@ -512,14 +792,13 @@ class RawClient:
 
     def close(self) -> None:
         if self.sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.close()
-            except OSError:
-                pass
         self.sock = None
 
 
 # --- checks ------------------------------------------------------------------------------------
+
 
 def documented_statuses(route: str, method: str, spec: dict[str, Any]) -> set[int]:
     generic = {404, 405}
@@ -595,6 +874,7 @@ def _shape(request: Fuzzed, status: int, data: Any) -> list[str]:
 
 # --- the run -----------------------------------------------------------------------------------
 
+
 def body(scenario: Scenario) -> None:
     database = TempDatabase(scenario)
     service = Service(scenario, database.url(), workers=2, threads=4)
@@ -608,8 +888,9 @@ def body(scenario: Scenario) -> None:
     for index in range(20):
         reply = setup.request("POST", f"/api/{ALICE}/tasks", token=tokens.own[0], json_body={"title": f"a{index}"})
         live.append(reply.json()["id"])
-        reply = setup.request("POST", f"/api/{BOB}/tasks", token=tokens.other,
-                              json_body={"title": f"b{index}", "description": "bob's"})
+        reply = setup.request(
+            "POST", f"/api/{BOB}/tasks", token=tokens.other, json_body={"title": f"b{index}", "description": "bob's"}
+        )
         foreign.append(reply.json()["id"])
     bob_before = database.query("SELECT * FROM tasks WHERE user_id = %s ORDER BY id", (BOB,))
 
@@ -623,8 +904,15 @@ def body(scenario: Scenario) -> None:
     started = time.monotonic()
     time_budget = float(os.environ.get("FAULTS_FUZZ_SECONDS", "300"))
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck), derandomize=False, print_blob=False)
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+        derandomize=False,
+        print_blob=False,
+    )
     @given(st.data())
     def fuzz(data: Any) -> None:
         if time.monotonic() - refreshed[0] > 5:  # the token 5 s past its exp stays inside the leeway
@@ -659,13 +947,17 @@ def body(scenario: Scenario) -> None:
         fuzz()
     client.close()
     elapsed = time.monotonic() - started
-    scenario.check(counters["requests"] >= EXAMPLES, f"only {counters['requests']} requests in {elapsed:.0f}s "
-                   f"(want {EXAMPLES})")
+    scenario.check(
+        counters["requests"] >= EXAMPLES, f"only {counters['requests']} requests in {elapsed:.0f}s (want {EXAMPLES})"
+    )
     server_errors = sum(count for status, count in statuses.items() if status >= 500)
     (scenario.log_dir / "violations.txt").write_text("\n".join(violations))
-    scenario.check(not violations, f"{counters['violations']} responses broke the contract; kinds: "
-                   f"{kinds.most_common(6)}; first: {violations[0][:600] if violations else ''} "
-                   f"(all in {scenario.log_dir / 'violations.txt'})")
+    scenario.check(
+        not violations,
+        f"{counters['violations']} responses broke the contract; kinds: "
+        f"{kinds.most_common(6)}; first: {violations[0][:600] if violations else ''} "
+        f"(all in {scenario.log_dir / 'violations.txt'})",
+    )
     health = Client(service.port)
     for path in ("/health", "/health/ready"):
         reply = health.request("GET", path)
@@ -674,9 +966,15 @@ def body(scenario: Scenario) -> None:
     scenario.check(bob_before == bob_after, "another user's tasks changed during the fuzz run")
     lines = log_errors(service.text())
     scenario.check(not lines, f"{len(lines)} error lines in the service log, first: {lines[0][:300] if lines else ''}")
-    scenario.numbers.update({"requests": counters["requests"], "5xx": server_errors,
-                             "violations": counters["violations"], "rps": f"{counters['requests'] / elapsed:.0f}",
-                             "status": dict(sorted(statuses.items()))})
+    scenario.numbers.update(
+        {
+            "requests": counters["requests"],
+            "5xx": server_errors,
+            "violations": counters["violations"],
+            "rps": f"{counters['requests'] / elapsed:.0f}",
+            "status": dict(sorted(statuses.items())),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -16,18 +16,17 @@ import json
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import jwt  # noqa: E402
-
 import harness  # noqa: E402
-from harness import (SECRET, Client, Reply, Scenario, Service, TempDatabase, log_errors, raw_request,  # noqa: E402
-                     run_scenario, token)
+import jwt  # noqa: E402
+from harness import SECRET, Client, Reply, Scenario, Service, TempDatabase, log_errors, raw_request, run_scenario, token  # noqa: E402
 
 ALICE, BOB = "attack-alice", "attack-bob"
 OTHER_SECRET = "an-attacker-secret-that-is-long-enough-for-hs256-0123456789"
@@ -52,17 +51,21 @@ class Target:
         self.service = Service(scenario, self.database.url(), workers=2, threads=4)
         self.port = self.service.port
         client = Client(self.port)
-        self.alice_task = client.request("POST", f"/api/{ALICE}/tasks", token=token(ALICE),
-                                         json_body={"title": "alice's"}).json()["id"]
-        self.bob_task = client.request("POST", f"/api/{BOB}/tasks", token=token(BOB),
-                                       json_body={"title": "bob's"}).json()["id"]
+        self.alice_task = client.request(
+            "POST", f"/api/{ALICE}/tasks", token=token(ALICE), json_body={"title": "alice's"}
+        ).json()["id"]
+        self.bob_task = client.request(
+            "POST", f"/api/{BOB}/tasks", token=token(BOB), json_body={"title": "bob's"}
+        ).json()["id"]
 
     def snapshot(self) -> list[tuple[Any, ...]]:
-        return self.database.query("SELECT * FROM tasks ORDER BY id") + \
-            self.database.query("SELECT id FROM users ORDER BY id")
+        return self.database.query("SELECT * FROM tasks ORDER BY id") + self.database.query(
+            "SELECT id FROM users ORDER BY id"
+        )
 
-    def attack(self, bearer: str | None, *, user: str = ALICE, headers: dict[str, str] | None = None,
-               query: str = "") -> list[Reply]:
+    def attack(
+        self, bearer: str | None, *, user: str = ALICE, headers: dict[str, str] | None = None, query: str = ""
+    ) -> list[Reply]:
         """Every write (and a read) on the user's URLs with this Authorization; the database must not move."""
         before = self.snapshot()
         task = self.alice_task if user == ALICE else self.bob_task
@@ -103,6 +106,7 @@ def target() -> Iterator[Target]:
 
 # --- the attacks -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("alg", ["none", "None", "NONE", "nOnE"])
 @pytest.mark.parametrize("signature", ["", "c2lnbmF0dXJl"])
 def test_alg_none(target: Target, alg: str, signature: str) -> None:
@@ -112,8 +116,8 @@ def test_alg_none(target: Target, alg: str, signature: str) -> None:
 
 def test_hs256_signed_with_an_empty_secret(target: Target) -> None:
     header, payload = b64({"alg": "HS256", "typ": "JWT"}), b64(claims())
-    import hmac
     import hashlib
+    import hmac
 
     signature = hmac.new(b"", f"{header}.{payload}".encode(), hashlib.sha256).digest()
     assert_401(target.attack(f"Bearer {header}.{payload}.{b64(signature)}"))
@@ -149,9 +153,16 @@ def test_the_right_secret_under_another_hmac_algorithm(target: Target, algorithm
     assert_401(target.attack(f"Bearer {forged}"))
 
 
-@pytest.mark.parametrize("header", [{"alg": "RS256", "kid": "x"}, {"alg": "EdDSA"}, {"alg": "ES256"},
-                                    {"alg": "HS256", "jku": "http://127.0.0.1:9/jwks"},
-                                    {"alg": "HS256", "crit": ["exp"]}])
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"alg": "RS256", "kid": "x"},
+        {"alg": "EdDSA"},
+        {"alg": "ES256"},
+        {"alg": "HS256", "jku": "http://127.0.0.1:9/jwks"},
+        {"alg": "HS256", "crit": ["exp"]},
+    ],
+)
 def test_asymmetric_or_foreign_headers_without_a_jwks(target: Target, header: dict[str, Any]) -> None:
     forged = f"{b64(header)}.{b64(claims())}.{b64(b'x' * 32)}"
     assert_401(target.attack(f"Bearer {forged}"))
@@ -163,16 +174,28 @@ def test_token_in_the_query_string_is_ignored(target: Target, name: str) -> None
     assert_401(target.attack(None, query=query))
 
 
-@pytest.mark.parametrize("cookie", ["token={t}", "access_token={t}", "jwt={t}", "better-auth.session_token={t}",
-                                    "session={t}", "Authorization=Bearer%20{t}"])
+@pytest.mark.parametrize(
+    "cookie",
+    [
+        "token={t}",
+        "access_token={t}",
+        "jwt={t}",
+        "better-auth.session_token={t}",
+        "session={t}",
+        "Authorization=Bearer%20{t}",
+    ],
+)
 def test_token_in_a_cookie_is_ignored(target: Target, cookie: str) -> None:
     assert_401(target.attack(None, headers={"Cookie": cookie.format(t=token(ALICE))}))
 
 
 def test_token_in_other_headers_is_ignored(target: Target) -> None:
     valid = token(ALICE)
-    assert_401(target.attack(None, headers={"X-Access-Token": valid, "X-Auth-Token": valid,
-                                            "Proxy-Authorization": f"Bearer {valid}"}))
+    assert_401(
+        target.attack(
+            None, headers={"X-Access-Token": valid, "X-Auth-Token": valid, "Proxy-Authorization": f"Bearer {valid}"}
+        )
+    )
 
 
 @pytest.mark.parametrize("size", [8 * 1024 - 200, 64 * 1024])
@@ -181,9 +204,15 @@ def test_very_long_token(target: Target, size: int) -> None:
     before = target.snapshot()
     long_token = token(ALICE) + "A" * size
     for method in ("GET", "POST", "DELETE"):
-        data = (f"{method} /api/{ALICE}/tasks/{target.alice_task if method == 'DELETE' else ''} HTTP/1.1\r\n"
+        data = (
+            (
+                f"{method} /api/{ALICE}/tasks/{target.alice_task if method == 'DELETE' else ''} HTTP/1.1\r\n"
                 f"Host: x\r\nAuthorization: Bearer {long_token}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: 2\r\n\r\n{{}}").replace("/tasks/ HTTP", "/tasks HTTP").encode()
+                f"Content-Length: 2\r\n\r\n{{}}"
+            )
+            .replace("/tasks/ HTTP", "/tasks HTTP")
+            .encode()
+        )
         reply = raw_request(target.port, data)
         assert 400 <= reply.status < 500, (reply.status, reply.error)
         if reply.status == 401:
@@ -191,19 +220,26 @@ def test_very_long_token(target: Target, size: int) -> None:
     assert target.snapshot() == before
 
 
-@pytest.mark.parametrize("value", [
-    b"Bearer abc\r\nX-Injected: 1",            # two header lines: the first is a bad token
-    b"Bearer abc\rX-Injected: 1",              # bare CR
-    b"Bearer abc\nX-Injected: 1",              # bare LF
-    b"Bearer abc\r\n X-Injected: 1",           # obsolete line folding
-    b"Bearer abc\x00def",                      # NUL
-    b"Bearer \xff\xfe",                        # not ASCII
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"Bearer abc\r\nX-Injected: 1",  # two header lines: the first is a bad token
+        b"Bearer abc\rX-Injected: 1",  # bare CR
+        b"Bearer abc\nX-Injected: 1",  # bare LF
+        b"Bearer abc\r\n X-Injected: 1",  # obsolete line folding
+        b"Bearer abc\x00def",  # NUL
+        b"Bearer \xff\xfe",  # not ASCII
+    ],
+)
 def test_cr_lf_and_control_characters_in_header_values(target: Target, value: bytes) -> None:
     before = target.snapshot()
     for method, path in (("POST", f"/api/{ALICE}/tasks"), ("DELETE", f"/api/{ALICE}/tasks/{target.alice_task}")):
-        data = (f"{method} {path} HTTP/1.1\r\nHost: x\r\n".encode() + b"Authorization: " + value +
-                b"\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n{\"title\": \"inj\"}")
+        data = (
+            f"{method} {path} HTTP/1.1\r\nHost: x\r\n".encode()
+            + b"Authorization: "
+            + value
+            + b'\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n{"title": "inj"}'
+        )
         reply = raw_request(target.port, data)
         assert 400 <= reply.status < 500, (reply.status, reply.error, reply.body[:200])
         assert "x-injected" not in reply.headers
@@ -214,13 +250,21 @@ def test_cr_lf_in_the_url_and_request_id_do_not_split_responses_or_logs(target: 
     """Response splitting and log forging through percent-encoded CR/LF, and the echoed X-Request-ID."""
     injected = "x%0d%0aSet-Cookie:%20pwned=1%0d%0aX-Injected:%201"
     forged_line = "2026-01-01 00:00:00,000 ERROR forged-by-client"
-    for path in (f"/api/{injected}/tasks", f"/api/{ALICE}/tasks/{injected}",
-                 f"/api/x%0A{forged_line.replace(' ', '%20')}/tasks"):
+    for path in (
+        f"/api/{injected}/tasks",
+        f"/api/{ALICE}/tasks/{injected}",
+        f"/api/x%0A{forged_line.replace(' ', '%20')}/tasks",
+    ):
         reply = Client(target.port).request("POST", path, token=token(ALICE), json_body={"title": "x"})
         assert 400 <= reply.status < 500, reply.status
         assert "set-cookie" not in reply.headers and "x-injected" not in reply.headers
-    reply = raw_request(target.port, (f"GET /api/{ALICE}/tasks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                                      f"{token(ALICE)}\r\nX-Request-ID: abc%0d%0aX-Injected: 1\r\n\r\n").encode())
+    reply = raw_request(
+        target.port,
+        (
+            f"GET /api/{ALICE}/tasks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            f"{token(ALICE)}\r\nX-Request-ID: abc%0d%0aX-Injected: 1\r\n\r\n"
+        ).encode(),
+    )
     assert reply.status == 200 and "x-injected" not in reply.headers
     assert "%0d" not in reply.headers.get("x-request-id", "").lower()
     time.sleep(0.3)
@@ -231,8 +275,9 @@ def test_cr_lf_in_the_url_and_request_id_do_not_split_responses_or_logs(target: 
 def test_a_token_whose_sub_carries_cr_lf(target: Target) -> None:
     """A genuinely signed token whose sub is hostile: the URL must match it, and nothing leaks into headers."""
     hostile = "evil\r\nX-Injected: 1"
-    reply = Client(target.port).request("POST", "/api/evil%0D%0AX-Injected:%201/tasks", token=token(hostile),
-                                        json_body={"title": "x"})
+    reply = Client(target.port).request(
+        "POST", "/api/evil%0D%0AX-Injected:%201/tasks", token=token(hostile), json_body={"title": "x"}
+    )
     assert reply.status < 500, reply.status
     assert "x-injected" not in reply.headers
     assert "\r" not in reply.headers.get("location", "") and "\n" not in reply.headers.get("location", "")
@@ -253,8 +298,19 @@ def test_expired_token_inside_the_leeway_still_works(target: Target) -> None:
     assert reply.status == 200
 
 
-@pytest.mark.parametrize("bad", [{"sub": None}, {"sub": ""}, {"sub": 7}, {"sub": [ALICE]}, {"exp": "soon"},
-                                 {"exp": None}, {"nbf": 4102444800}, {"iat": "yesterday"}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"sub": None},
+        {"sub": ""},
+        {"sub": 7},
+        {"sub": [ALICE]},
+        {"exp": "soon"},
+        {"exp": None},
+        {"nbf": 4102444800},
+        {"iat": "yesterday"},
+    ],
+)
 def test_malformed_claims_with_a_valid_signature(target: Target, bad: dict[str, Any]) -> None:
     payload = {**claims(), **bad}
     payload = {key: value for key, value in payload.items() if value is not None or key == "sub"}
@@ -278,6 +334,7 @@ def test_service_healthy_and_quiet_after_the_attacks(target: Target) -> None:
 
 # --- the scenario's one line -------------------------------------------------------------------
 
+
 class Tally:
     def __init__(self) -> None:
         self.passed: list[str] = []
@@ -291,11 +348,26 @@ class Tally:
 def body(scenario: Scenario) -> None:
     harness.CURRENT_SCENARIO = scenario  # type: ignore[attr-defined]  (pytest imports this file anew)
     tally = Tally()
-    code = pytest.main([__file__, "-q", "-p", "no:cacheprovider", "-p", "no:randomly", "--tb=short",
-                        "-o", "console_output_style=classic", "-W", "ignore::DeprecationWarning",
-                        f"--junitxml={scenario.log_dir / 'junit.xml'}"], plugins=[tally])
-    scenario.numbers.update({"tests": len(tally.passed) + len(tally.failed), "passed": len(tally.passed),
-                             "failed": len(tally.failed)})
+    code = pytest.main(
+        [
+            __file__,
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:randomly",
+            "--tb=short",
+            "-o",
+            "console_output_style=classic",
+            "-W",
+            "ignore::DeprecationWarning",
+            f"--junitxml={scenario.log_dir / 'junit.xml'}",
+        ],
+        plugins=[tally],
+    )
+    scenario.numbers.update(
+        {"tests": len(tally.passed) + len(tally.failed), "passed": len(tally.passed), "failed": len(tally.failed)}
+    )
     for nodeid in tally.failed:
         scenario.check(False, f"failed: {nodeid.split('::', 1)[-1]}")
     scenario.check(code == 0 or tally.failed, f"pytest exit {code}")

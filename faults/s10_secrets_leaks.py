@@ -15,9 +15,19 @@ import time
 from typing import Any
 
 import jwt
-
-from harness import (SECRET, Client, Reply, Scenario, Service, TcpProxy, TempDatabase, log_errors, raw_request,
-                     run_scenario, token)
+from harness import (
+    SECRET,
+    Client,
+    Reply,
+    Scenario,
+    Service,
+    TcpProxy,
+    TempDatabase,
+    log_errors,
+    raw_request,
+    run_scenario,
+    token,
+)
 
 ALICE, BOB = "leak-alice", "leak-bob"
 PASSWORD = "pw-Zq8-database-password-7Hk"
@@ -28,14 +38,16 @@ def body(scenario: Scenario) -> None:
     database = TempDatabase(scenario)
     proxy = TcpProxy(scenario)
     # Trust authentication ignores the password; it is there to be leaked, or not.
-    service = Service(scenario, database.url(port=proxy.port, password=PASSWORD), workers=2, threads=4,
-                      env={"LOG_LEVEL": "DEBUG"})
+    service = Service(
+        scenario, database.url(port=proxy.port, password=PASSWORD), workers=2, threads=4, env={"LOG_LEVEL": "DEBUG"}
+    )
     service.wait_workers_ready(proxy.port)
     alice, bob = token(ALICE), token(BOB)
     now = int(time.time())
     secrets_used: dict[str, str] = {"the secret": SECRET, "the database password": PASSWORD}
     tokens = {
-        "alice's token": alice, "bob's token": bob,
+        "alice's token": alice,
+        "bob's token": bob,
         "an expired token": jwt.encode({"sub": ALICE, "exp": now - 3600}, SECRET, algorithm="HS256"),
         "a forged token": jwt.encode({"sub": ALICE, "exp": now + 600}, "forger-" + "x" * 40, algorithm="HS256"),
         "a no-sub token": jwt.encode({"exp": now + 600}, SECRET, algorithm="HS256"),
@@ -73,11 +85,23 @@ def body(scenario: Scenario) -> None:
     send("404 task", "GET", f"{base}/999999", token=alice)
     send("404 foreign task", "DELETE", f"{base}/{bobs}", token=alice)
     send("405", "DELETE", base, token=alice)
-    send("413", "POST", base, token=alice, body=b'{"title": "' + alice.encode() * 3000 + b'"}',
-         headers={"Content-Type": "application/json"})
+    send(
+        "413",
+        "POST",
+        base,
+        token=alice,
+        body=b'{"title": "' + alice.encode() * 3000 + b'"}',
+        headers={"Content-Type": "application/json"},
+    )
     send("415", "POST", base, token=alice, body=alice.encode(), headers={"Content-Type": "text/plain"})
-    send("422 json", "POST", base, token=alice, body=b'{"title": "' + alice.encode() + b'"',
-         headers={"Content-Type": "application/json"})
+    send(
+        "422 json",
+        "POST",
+        base,
+        token=alice,
+        body=b'{"title": "' + alice.encode() + b'"',
+        headers={"Content-Type": "application/json"},
+    )
     send("422 field", "POST", base, token=alice, json_body={"title": alice * 10, "completed": alice})
     send("422 query", "GET", f"{base}?limit={alice}&status={SECRET}", token=alice)
     send("422 toggle", "PATCH", f"{base}/{own}/complete", token=alice, json_body={"completed": alice})
@@ -100,12 +124,20 @@ def body(scenario: Scenario) -> None:
 
     # The 403 and 404 answers must not tell whether a task exists, or whose it is.
     shapes: list[str] = []
-    for method, suffix, payload in (("GET", "", None), ("PUT", "", {"title": "t"}), ("PATCH", "", {"title": "t"}),
-                                    ("DELETE", "", None), ("PATCH", "/complete", None)):
+    for method, suffix, payload in (
+        ("GET", "", None),
+        ("PUT", "", {"title": "t"}),
+        ("PATCH", "", {"title": "t"}),
+        ("DELETE", "", None),
+        ("PATCH", "/complete", None),
+    ):
         pairs = {
             "404": [f"{base}/{bobs}{suffix}", f"{base}/999999{suffix}", f"{base}/{2**31 - 1}{suffix}"],
-            "403": [f"/api/{BOB}/tasks/{bobs}{suffix}", f"/api/{BOB}/tasks/999999{suffix}",
-                    f"/api/nobody-at-all/tasks/{own}{suffix}"],
+            "403": [
+                f"/api/{BOB}/tasks/{bobs}{suffix}",
+                f"/api/{BOB}/tasks/999999{suffix}",
+                f"/api/nobody-at-all/tasks/{own}{suffix}",
+            ],
         }
         for status, paths in pairs.items():
             answers = [send(f"{status} shape", method, path, token=alice, json_body=payload) for path in paths]
@@ -113,8 +145,9 @@ def body(scenario: Scenario) -> None:
             names = {tuple(sorted(set(answer.headers) - VOLATILE_HEADERS)) for answer in answers}
             codes = {answer.status for answer in answers}
             if codes != {int(status)} or len(bodies) != 1 or len(names) != 1:
-                shapes.append(f"{method} ...{suffix}: statuses {sorted(codes)}, {len(bodies)} bodies, "
-                              f"{len(names)} header sets")
+                shapes.append(
+                    f"{method} ...{suffix}: statuses {sorted(codes)}, {len(bodies)} bodies, {len(names)} header sets"
+                )
     scenario.check(not shapes, f"403/404 answers differ by whether the task exists: {shapes}")
     # And the task of Bob, after all that, is untouched.
     left = database.query("SELECT title, completed FROM tasks WHERE id = %s", (bobs,))
@@ -134,17 +167,25 @@ def body(scenario: Scenario) -> None:
                 leaks.append(f"{name} in the {label} response")
     scenario.check(not leaks, f"{len(leaks)} leaks: {leaks[:5]}")
     statuses = sorted({reply.status for _, reply in replies})
-    (scenario.log_dir / "replies.txt").write_text("\n".join(f"{label}: {reply.status} {reply.error or ''} "
-                                                          f"{reply.body[:200]!r}" for label, reply in replies))
+    (scenario.log_dir / "replies.txt").write_text(
+        "\n".join(f"{label}: {reply.status} {reply.error or ''} {reply.body[:200]!r}" for label, reply in replies)
+    )
     for wanted in (401, 403, 404, 405, 413, 415, 422, 503, 400, 414, 431):
         scenario.check(wanted in statuses, f"the run never produced a {wanted}")
     bad = [(label, reply.status) for label, reply in replies if reply.status >= 500 and reply.status != 503]
     scenario.check(not bad, f"server errors: {bad}")
     errors = log_errors(log)
     scenario.check(not errors, f"{len(errors)} error lines in the log: {errors[:2]}")
-    scenario.numbers.update({"requests": len(replies), "statuses": ",".join(map(str, statuses)),
-                             "log_lines": len(log.splitlines()), "secrets_checked": len(secrets_used),
-                             "leaks": len(leaks), "shape_differences": len(shapes)})
+    scenario.numbers.update(
+        {
+            "requests": len(replies),
+            "statuses": ",".join(map(str, statuses)),
+            "log_lines": len(log.splitlines()),
+            "secrets_checked": len(secrets_used),
+            "leaks": len(leaks),
+            "shape_differences": len(shapes),
+        }
+    )
 
 
 if __name__ == "__main__":

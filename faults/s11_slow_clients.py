@@ -26,8 +26,20 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness import (PG_PORT, PYTHON, ROOT, Client, Scenario, ScenarioFailure, Service, TempDatabase, log_errors,
-                     percentile, run_scenario, token)
+from harness import (
+    PG_PORT,
+    PYTHON,
+    ROOT,
+    Client,
+    Scenario,
+    ScenarioFailure,
+    Service,
+    TempDatabase,
+    log_errors,
+    percentile,
+    run_scenario,
+    token,
+)
 
 BOUND = 10.0  # README: Production (server.REQUEST_DEADLINE and server.SEND_TIMEOUT)
 TOLERANCE = 1.5  # the client's own view: connect and close detection, a loaded 2-core machine
@@ -40,8 +52,10 @@ KINDS = {"half-header": 70, "half-body": 50, "silent": 40, "trickle": 38, "slow-
 PAYLOADS = {
     "half-header": b"GET /health HTTP/1.1\r\nHost: x\r\nX-a: ",
     # The full head, then 10 of the 100 body bytes it announces.
-    "half-body": (f"POST /api/{USER}/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  "Content-Length: 100\r\n\r\n").encode() + b'{"title": ',
+    "half-body": (
+        f"POST /api/{USER}/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    ).encode()
+    + b'{"title": ',
     "silent": b"",
     "trickle": b"GET /health HTTP/1.1\r\nHost: x\r\nX-a: ",
     # A hundred pipelined requests for the 63 kB API document, never read, through a small receive
@@ -85,7 +99,7 @@ class SlowClients:
         self.thread = threading.Thread(target=self._run, name="slow-clients", daemon=True)
         self.error: BaseException | None = None
 
-    def start(self) -> "SlowClients":
+    def start(self) -> SlowClients:
         self.thread.start()
         return self
 
@@ -160,8 +174,10 @@ class SlowClients:
                 for _ in range(count):
                     self._open(kind)
             while not self.stopping.is_set():
-                missing = {kind: count - sum(1 for c in self.connections.values() if c.kind == kind)
-                           for kind, count in KINDS.items()}
+                missing = {
+                    kind: count - sum(1 for c in self.connections.values() if c.kind == kind)
+                    for kind, count in KINDS.items()
+                }
                 for kind, count in missing.items():  # connections that failed to open, retried
                     for _ in range(count):
                         self._open(kind)
@@ -186,8 +202,14 @@ def conf_defaults() -> tuple[int, int]:
     env = {key: value for key, value in os.environ.items() if key not in ("WEB_CONCURRENCY", "GUNICORN_THREADS")}
     env["BETTER_AUTH_SECRET"] = "conf-defaults-" + "x" * 32
     code = "import runpy, sys; conf = runpy.run_path(sys.argv[1]); print(conf['workers'], conf['threads'])"
-    out = subprocess.run([PYTHON, "-c", code, str(ROOT / "gunicorn.conf.py")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [PYTHON, "-c", code, str(ROOT / "gunicorn.conf.py")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if out.returncode != 0:
         raise ScenarioFailure(f"cannot read gunicorn.conf.py's defaults: {out.stderr[-500:]}")
     workers, threads = out.stdout.split()[-2:]
@@ -207,8 +229,9 @@ def ordinary_requests(scenario: Scenario, port: int, seconds: float) -> list[tup
         client = Client(port, timeout=5)
         reply = client.request("GET", path, token=None if index % 2 == 0 else bearer)
         client.close()
-        results.append(("/health" if index % 2 == 0 else "/api/<user>/tasks", reply.status, reply.elapsed,
-                        reply.error or ""))
+        results.append(
+            ("/health" if index % 2 == 0 else "/api/<user>/tasks", reply.status, reply.elapsed, reply.error or "")
+        )
 
     threads = []
     start = time.monotonic()
@@ -226,11 +249,18 @@ def ordinary_requests(scenario: Scenario, port: int, seconds: float) -> list[tup
 
 def run(scenario: Scenario, database: TempDatabase, reuse_port: bool, workers: int, threads: int) -> dict[str, Any]:
     label = "reuse_port" if reuse_port else "shared_socket"
-    service = Service(scenario, database.url(), name=f"service-{label}", workers=workers, threads=threads,
-                      env={"GUNICORN_REUSE_PORT": "1" if reuse_port else "0"})
+    service = Service(
+        scenario,
+        database.url(),
+        name=f"service-{label}",
+        workers=workers,
+        threads=threads,
+        env={"GUNICORN_REUSE_PORT": "1" if reuse_port else "0"},
+    )
     service.wait_workers_ready(PG_PORT)
-    setup = Client(service.port).request("POST", f"/api/{USER}/tasks", token=token(USER),
-                                         json_body={"title": "answered while slow clients wait"})
+    setup = Client(service.port).request(
+        "POST", f"/api/{USER}/tasks", token=token(USER), json_body={"title": "answered while slow clients wait"}
+    )
     scenario.check(setup.status == 201, f"{label}: the setup create answered {setup.status}")
     attack = SlowClients(service.port).start()
     try:
@@ -244,24 +274,34 @@ def run(scenario: Scenario, database: TempDatabase, reuse_port: bool, workers: i
     max_hold = max(holds, default=0.0)
     oldest_open = max(outcome.still_open_ages, default=0.0)
     limit = BOUND + TOLERANCE
-    scenario.check(bool(results) and not slow_ones,
-                   f"{label}: {len(slow_ones)} of {len(results)} ordinary requests not answered 200 within "
-                   f"{ORDINARY_LIMIT:.0f} s, first: {slow_ones[:3]}")
-    scenario.check(max_hold <= limit, f"{label}: a slow connection was held {max_hold:.1f} s (bound {limit:.1f} s); "
-                   f"by kind: { {k: round(max(v), 1) for k, v in outcome.holds.items()} }")
-    scenario.check(oldest_open <= limit, f"{label}: a slow connection was still open after {oldest_open:.1f} s "
-                   f"(bound {limit:.1f} s)")
+    scenario.check(
+        bool(results) and not slow_ones,
+        f"{label}: {len(slow_ones)} of {len(results)} ordinary requests not answered 200 within "
+        f"{ORDINARY_LIMIT:.0f} s, first: {slow_ones[:3]}",
+    )
+    scenario.check(
+        max_hold <= limit,
+        f"{label}: a slow connection was held {max_hold:.1f} s (bound {limit:.1f} s); "
+        f"by kind: { {k: round(max(v), 1) for k, v in outcome.holds.items()} }",
+    )
+    scenario.check(
+        oldest_open <= limit,
+        f"{label}: a slow connection was still open after {oldest_open:.1f} s (bound {limit:.1f} s)",
+    )
     never_closed = [kind for kind in KINDS if not outcome.server_closes[kind]]
     scenario.check(not never_closed, f"{label}: the server closed no connection of kind {never_closed}")
     healthy = Client(service.port, timeout=5).request("GET", "/health")
     scenario.check(healthy.status == 200, f"{label}: /health afterwards answered {healthy.status} {healthy.error}")
     service.process.stop()
     errors = log_errors(service.text())
-    scenario.check(not errors, f"{label}: {len(errors)} error lines in the service log, first: "
-                   f"{errors[0][:200] if errors else ''}")
-    scenario.log(f"{label}: holds by kind (max s): { {k: round(max(v), 2) for k, v in outcome.holds.items()} }, "
-                 f"closes by kind: {dict(outcome.server_closes)}, answered: {dict(outcome.answered)}, "
-                 f"connect failures: {outcome.connect_failures}")
+    scenario.check(
+        not errors, f"{label}: {len(errors)} error lines in the service log, first: {errors[0][:200] if errors else ''}"
+    )
+    scenario.log(
+        f"{label}: holds by kind (max s): { {k: round(max(v), 2) for k, v in outcome.holds.items()} }, "
+        f"closes by kind: {dict(outcome.server_closes)}, answered: {dict(outcome.answered)}, "
+        f"connect failures: {outcome.connect_failures}"
+    )
     return {
         "ordinary": f"{in_time}/{len(results)}",
         "max_latency": f"{max(latencies, default=0.0):.2f}s",
