@@ -390,6 +390,17 @@ class ClientConnection(TConn):
         self.drained = 0
 
 
+def _receive(conn: TConn) -> bytes | None:
+    """What the client sent since the last read (b"" at its end, or when the socket failed); None: nothing yet."""
+    try:
+        data: bytes = conn.sock.recv(RECV_SIZE)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+    return data
+
+
 def _ip(conn: TConn) -> str:
     """The client's address for a log line ('' on a Unix socket)."""
     return conn.client[0] if isinstance(conn.client, tuple) else ""
@@ -453,12 +464,9 @@ class RequestBufferingWorker(ThreadWorker):
 
     def _on_readable(self, conn: ClientConnection, _sock: socket.socket) -> None:
         """Read what the client has sent; hand the request over once it is whole."""
-        try:
-            data = conn.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
+        data = _receive(conn)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._close(conn)  # the client gave up, or closed a kept-alive connection
             return
@@ -580,12 +588,9 @@ class RequestBufferingWorker(ThreadWorker):
 
     def _on_linger_readable(self, conn: ClientConnection, _sock: socket.socket) -> None:
         """Drop what a closing client still sends; close at its EOF or after LINGER_BYTES."""
-        try:
-            data = conn.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
+        data = _receive(conn)
+        if data is None:
             return
-        except OSError:
-            data = b""
         conn.drained += len(data)
         if not data or conn.drained >= LINGER_BYTES:
             self._close(conn)

@@ -721,15 +721,16 @@ def test_unexpected_error_is_json_500_and_logged(app: Any, caplog: pytest.LogCap
 ORIGIN = "http://localhost:3000"
 
 
-def test_preflight_needs_no_token(client: Any) -> None:
-    response = client.options(
-        f"/api/{ALICE}/tasks/1",
-        headers={
-            "Origin": ORIGIN,
-            "Access-Control-Request-Method": "DELETE",
-            "Access-Control-Request-Headers": "authorization, content-type",
-        },
+def preflight(client: Any, path: str, method: str, headers: str) -> Any:
+    """The browser's OPTIONS before a cross-origin request from ORIGIN (no token: preflights carry none)."""
+    return client.options(
+        f"/api/{ALICE}{path}",
+        headers={"Origin": ORIGIN, "Access-Control-Request-Method": method, "Access-Control-Request-Headers": headers},
     )
+
+
+def test_preflight_needs_no_token(client: Any) -> None:
+    response = preflight(client, "/tasks/1", "DELETE", "authorization, content-type")
     assert response.status_code == 200
     assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
     assert "DELETE" in response.headers["Access-Control-Allow-Methods"]
@@ -793,14 +794,7 @@ def test_cacheable_answers_vary_by_origin(client: Any, path: str) -> None:
 
 def test_preflight_allows_credentials_and_the_request_id_header(client: Any) -> None:
     # fetch(..., {credentials: "include", headers: {"X-Request-ID": ...}}) from the frontend's origin.
-    response = client.options(
-        f"/api/{ALICE}/tasks",
-        headers={
-            "Origin": ORIGIN,
-            "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization, content-type, x-request-id",
-        },
-    )
+    response = preflight(client, "/tasks", "POST", "authorization, content-type, x-request-id")
     assert response.status_code == 200
     assert response.headers["Access-Control-Allow-Origin"] == ORIGIN  # never "*" with credentials
     assert response.headers["Access-Control-Allow-Credentials"] == "true"

@@ -283,6 +283,19 @@ class Reply:
     started: float
     error: str | None = None
 
+    @classmethod
+    def read(cls, response: http.client.HTTPResponse, started: float) -> Reply:
+        """The whole response (its body read), timed from started."""
+        body = response.read()
+        return cls(
+            response.status, {k.lower(): v for k, v in response.getheaders()}, body, time.monotonic() - started, started
+        )
+
+    @classmethod
+    def failed(cls, error: BaseException, started: float) -> Reply:
+        """No HTTP response at all: the connection was refused, reset or timed out."""
+        return cls(0, {}, b"", time.monotonic() - started, started, f"{type(error).__name__}: {error}")
+
     @property
     def content_type(self) -> str:
         return self.headers.get("content-type", "")
@@ -333,20 +346,13 @@ class Client:
                 self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
             self.connection.request(method, path, body=body, headers=all_headers)
             response = self.connection.getresponse()
-            data = response.read()
-            reply = Reply(
-                response.status,
-                {k.lower(): v for k, v in response.getheaders()},
-                data,
-                time.monotonic() - started,
-                started,
-            )
+            reply = Reply.read(response, started)
             if response.will_close:
                 self.close()
             return reply
         except (OSError, http.client.HTTPException) as error:
             self.close()
-            return Reply(0, {}, b"", time.monotonic() - started, started, f"{type(error).__name__}: {error}")
+            return Reply.failed(error, started)
 
     def close(self) -> None:
         if self.connection is not None:
@@ -363,16 +369,9 @@ def raw_request(port: int, data: bytes, timeout: float = 10) -> Reply:
             sock.sendall(data)
             response = http.client.HTTPResponse(sock, method=data.split(b" ", 1)[0].decode("latin1"))
             response.begin()
-            body = response.read()
-            return Reply(
-                response.status,
-                {k.lower(): v for k, v in response.getheaders()},
-                body,
-                time.monotonic() - started,
-                started,
-            )
+            return Reply.read(response, started)
     except (OSError, http.client.HTTPException) as error:
-        return Reply(0, {}, b"", time.monotonic() - started, started, f"{type(error).__name__}: {error}")
+        return Reply.failed(error, started)
 
 
 def run_threads(count: int, work: Callable[[int], Any], *, timeout: float) -> list[Any]:

@@ -773,21 +773,14 @@ class RawClient:
                 self.sock.sendall(data)
                 response = http.client.HTTPResponse(self.sock, method=request.method)
                 response.begin()
-                body = response.read()
-                reply = Reply(
-                    response.status,
-                    {k.lower(): v for k, v in response.getheaders()},
-                    body,
-                    time.monotonic() - started,
-                    started,
-                )
+                reply = Reply.read(response, started)
                 if response.will_close:
                     self.close()
                 return reply
             except (OSError, http.client.HTTPException) as error:
                 self.close()
                 if fresh or attempt == 2:  # a reused connection the server had closed: try once more
-                    return Reply(0, {}, b"", time.monotonic() - started, started, f"{type(error).__name__}: {error}")
+                    return Reply.failed(error, started)
         raise AssertionError("unreachable")
 
     def close(self) -> None:
