@@ -27,6 +27,7 @@ The results go to stdout (the tables of bench/report.py, for the README) and ben
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import http.client
 import json
@@ -38,7 +39,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,18 +48,23 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
-
-import jwt
-import psycopg2
-
-from report import APPS, SCENARIOS, ratio, report, sweep_report  # bench/, the script's folder
+from urllib.parse import urlsplit
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))  # the shared harness (tests/harness.py)
+
+from report import APPS, SCENARIOS, ratio, report, sweep_report  # noqa: E402 (bench/, the script's folder)
+
+from tests.harness import (  # noqa: E402
+    SERVICE_VARIABLES, Gunicorn, PrivateDatabase, Process, admin_connection, drop_stale_databases, free_port,
+    token,
+)
+
 RESULTS = BENCH / "results"
 WRK_SCRIPT = BENCH / "wrk.lua"
 PYTHON = sys.executable
+DATABASE_PREFIX = "tasks_bench"
 
 LIST_VARIANTS = [(status, sort) for status in ("all", "pending", "completed")
                  for sort in ("created", "updated", "title")]
@@ -73,74 +78,15 @@ def log(message: str) -> None:
 
 # --- processes ----------------------------------------------------------------------------------
 
-class Proc:
-    """A child process in its own session, stopped by its own id at the end whatever happens."""
-
-    running: list["Proc"] = []
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.name = name
-        self.log_path = log_path
-        self.log_file = open(log_path, "ab", buffering=0)
-        self.popen = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True)
-        Proc.running.append(self)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, timeout: float = 15) -> None:
-        if self.alive():
-            try:
-                self.popen.send_signal(signal.SIGTERM)
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        if self.alive():
-            self.popen.kill()
-            self.popen.wait(5)
-        try:  # leftovers of this process's own group (gunicorn workers after a SIGKILL of their master)
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.log_file.close()
-        if self in Proc.running:
-            Proc.running.remove(self)
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(part) for part in text.split()]
-
-
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its children (a gunicorn master and its workers)."""
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes (a gunicorn master and its workers)."""
     total = 0.0
-    for each in [pid] + children(pid):
+    for pid in pids:
         try:
-            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / _TICKS
         except (OSError, IndexError, ValueError):
             pass
@@ -168,81 +114,24 @@ def memory_of(pid: int) -> dict[str, float]:
 
 # --- the database -------------------------------------------------------------------------------
 
-class Database:
-    def __init__(self, base: str, name: str) -> None:
-        self.base = base.rstrip("/")
-        self.name = name
-        self.created = False
-        self.logging = False
-
-    def url(self, port: int | None = None) -> str:
-        """This database's URL; with `port`, the same server reached through another port (the proxy)."""
-        parts = urlsplit(self.base)
-        netloc = parts.netloc
-        if port is not None:
-            userinfo = netloc.rpartition("@")[0]
-            netloc = (userinfo + "@" if userinfo else "") + f"{parts.hostname or '127.0.0.1'}:{port}"
-        return urlunsplit((parts.scheme, netloc, "/" + self.name, parts.query, ""))
-
-    def address(self) -> tuple[str, int]:
-        parts = urlsplit(self.base)
-        return parts.hostname or "127.0.0.1", parts.port or 5432
-
-    def admin(self) -> Any:
-        connection = psycopg2.connect(urlunsplit(urlsplit(self.base)._replace(path="/postgres")))
-        connection.autocommit = True
-        return connection
-
-    def connect(self) -> Any:
-        connection = psycopg2.connect(self.url())
-        connection.autocommit = True
-        return connection
-
-    def create(self) -> None:
-        connection = self.admin()
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(f'CREATE DATABASE "{self.name}"')
-            self.created = True
-        finally:
-            connection.close()
-
-    def drop(self) -> None:
-        if not self.created:
-            return
-        connection = self.admin()
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
-            self.created = False
-        finally:
-            connection.close()
+class BenchDatabase(PrivateDatabase):
+    """The harness's private database, plus what only the benchmark needs: statement logging, the address."""
 
     def set_statement_logging(self, on: bool) -> None:
-        connection = self.admin()
-        try:
-            with connection.cursor() as cursor:
-                if on:
-                    cursor.execute(f"ALTER DATABASE \"{self.name}\" SET log_statement = 'all'")
-                else:
-                    cursor.execute(f'ALTER DATABASE "{self.name}" RESET log_statement')
-            self.logging = on
-        finally:
-            connection.close()
+        with contextlib.closing(admin_connection(self.server_url)) as connection, connection.cursor() as cursor:
+            if on:
+                cursor.execute(f"ALTER DATABASE \"{self.name}\" SET log_statement = 'all'")
+            else:
+                cursor.execute(f'ALTER DATABASE "{self.name}" RESET log_statement')
 
-    def query(self, sql: str, params: Any = None) -> list[tuple]:
-        connection = self.connect()
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(sql, params)
-                return cursor.fetchall() if cursor.description else []
-        finally:
-            connection.close()
+    def address(self) -> tuple[str, int]:
+        parts = urlsplit(self.server_url)
+        return parts.hostname or "127.0.0.1", parts.port or 5432
 
 
-def find_server_log(db: Database) -> Path | None:
+def find_server_log(db: PrivateDatabase) -> Path | None:
     """The file PostgreSQL writes its log to: pg_current_logfile(), else a marker looked for."""
-    connection = db.admin()
+    connection = admin_connection(db.server_url)
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_current_logfile(), current_setting('data_directory')")
@@ -436,13 +325,10 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.secret = secrets.token_hex(32)
-        self.db = Database(args.pg, f"tasks_bench_{os.getpid()}_{secrets.token_hex(3)}")
-        self.twin = Database(args.pg, self.db.name + "_empty")  # the scale phase's near-empty table
         self.workdir = Path(tempfile.mkdtemp(prefix="tasks-bench-"))
         self.runner = Runner(self.workdir)
-        self.apps: dict[str, Proc] = {}
-        self.ports: dict[str, int] = {}
-        self.proxy: Proc | None = None
+        self.apps: dict[str, Gunicorn] = {}
+        self.proxy: Process | None = None
         self.tokens: dict[str, str] = {}
         self.list_users = [f"bench-u{i:03d}" for i in range(args.users)]
         self.create_users = [f"bench-c{i:03d}" for i in range(args.users)]
@@ -451,49 +337,39 @@ class Bench:
         self.app_env: dict[str, str] = {}
         self.results: dict[str, Any] = {}
         self.server_log: Path | None = None
+        self.twin: BenchDatabase | None = None  # the scale phase's near-empty table
+        for name in drop_stale_databases(DATABASE_PREFIX, args.pg):
+            log(f"dropped {name}, left by a benchmark run that was killed")
+        self.db = BenchDatabase(DATABASE_PREFIX, args.pg)  # last: cleanup() is what drops it
 
     # ---- apps
 
     def token(self, user: str) -> str:
         if user not in self.tokens:
-            now = int(time.time())
-            self.tokens[user] = jwt.encode({"sub": user, "iat": now, "exp": now + 6 * 3600}, self.secret,
-                                           algorithm="HS256")
+            self.tokens[user] = token(user, self.secret, lifetime=6 * 3600)
         return self.tokens[user]
+
+    def port(self, name: str) -> int:
+        return self.apps[name].port
 
     def start_app(self, name: str, *, db_url: str | None = None, extra: dict[str, str] | None = None,
                   gunicorn_args: list[str] | None = None) -> None:
         """Start `service` or `floor` (a name may carry a suffix: service-empty) under gunicorn.conf.py."""
-        kind = name.split("-")[0]
-        port = free_port()
-        env = {**os.environ, **self.app_env, **(extra or {}), "BETTER_AUTH_SECRET": self.secret,
-               "DATABASE_URL": db_url or self.db.url(), "PORT": str(port), "PYTHONUNBUFFERED": "1"}
-        service_dir = self.args.service_dir
-        argv = [PYTHON, "-m", "gunicorn", "-c", str(service_dir / "gunicorn.conf.py"), "-b", f"127.0.0.1:{port}",
-                *(gunicorn_args or [])]
-        argv += (["--pythonpath", str(BENCH), "floor_app:app"] if kind == "floor"
-                 else ["--chdir", str(service_dir), "app:app"])
-        proc = Proc(name, argv, env, self.workdir / f"{name}.log")
-        self.apps[name], self.ports[name] = proc, port
-        deadline = time.monotonic() + 60
-        while True:
-            if not proc.alive():
-                raise RuntimeError(f"{name} exited at startup:\n{proc.tail()}")
-            try:
-                status, _ = Client(port).call("GET", "/health/ready")
-                if status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not become ready:\n{proc.tail()}")
-            time.sleep(0.2)
+        floor = name.split("-")[0] == "floor"
+        env = {**self.app_env, **(extra or {}), "BETTER_AUTH_SECRET": self.secret,
+               "DATABASE_URL": db_url or self.db.url()}
+        app = Gunicorn(env, self.workdir / f"{name}.log", root=self.args.service_dir,
+                       app_spec="floor_app:app" if floor else "app:app",
+                       extra_args=(*(gunicorn_args or []), *(("--pythonpath", str(BENCH)) if floor else ())),
+                       python=PYTHON, name=name)
+        self.apps[name] = app
+        app.wait_healthy(60, "/health/ready")
         time.sleep(1.5)  # the other workers finish booting
 
     def stop_app(self, name: str) -> None:
-        proc = self.apps.pop(name, None)
-        if proc:
-            proc.stop()
+        app = self.apps.pop(name, None)
+        if app:
+            app.stop()
 
     def restart_apps(self, db_url: str | None = None, names: list[str] | None = None) -> None:
         for name in names or APPS:
@@ -501,7 +377,17 @@ class Bench:
             self.start_app(name, db_url=db_url)
 
     def workers(self, name: str) -> list[int]:
-        return children(self.apps[name].pid)
+        return self.apps[name].worker_pids()
+
+    def start_proxy(self) -> str:
+        """bench/delay_proxy.py in front of PostgreSQL; the bench database's URL through it."""
+        port = free_port()
+        pg_host, pg_port = self.db.address()
+        self.proxy = Process("proxy", [PYTHON, str(BENCH / "delay_proxy.py"), "--listen", f"127.0.0.1:{port}",
+                                       "--target", f"{pg_host}:{pg_port}", "--delay-ms", str(self.args.delay_ms)],
+                             self.workdir / "proxy.log", cwd=ROOT)
+        time.sleep(1)
+        return self.db.url(port=port)
 
     # ---- seeding (through the API)
 
@@ -536,9 +422,9 @@ class Bench:
         started = time.monotonic()
         jobs = [(user, k) for user in self.list_users for k in range(self.args.tasks)]
         jobs += [(user, 0) for user in self.create_users + [self.big_user]]
-        for user, task_id in self.create_through_api(self.ports["service"], jobs):
+        for user, task_id in self.create_through_api(self.port("service"), jobs):
             self.task_ids.setdefault(user, []).append(task_id)
-        self.seed_scale_user(self.ports["service"])
+        self.seed_scale_user(self.port("service"))
         seconds = round(time.monotonic() - started, 1)
         log(f"seeded {len(jobs) + 40} tasks of {len(self.task_ids) + 1} users through the API in {seconds} s")
         self.results["seed"] = {"users": len(self.task_ids) + 1, "tasks": len(jobs) + 40, "seconds": seconds}
@@ -624,9 +510,10 @@ class Bench:
 
     def measured_run(self, name: str, script: Path, connections: int, seconds: float) -> dict[str, Any]:
         """A wrk run plus the CPU time the app's processes used per request (robust to a busy machine)."""
-        before = cpu_seconds(self.apps[name].pid)
-        result = self.runner.run(self.ports[name], script, connections, seconds)
-        result["cpu_s"] = round(cpu_seconds(self.apps[name].pid) - before, 2)
+        pids = [self.apps[name].process.pid, *self.workers(name)]
+        before = cpu_seconds(pids)
+        result = self.runner.run(self.port(name), script, connections, seconds)
+        result["cpu_s"] = round(cpu_seconds(pids) - before, 2)
         result["cpu_ms_per_request"] = (round(result["cpu_s"] * 1000 / result["requests"], 3)
                                         if result["requests"] else None)
         return result
@@ -635,7 +522,7 @@ class Bench:
         scripts = [self.runner.requests(self.lines("create")), self.runner.requests(self.lines("mix"))]
         for name in names or APPS:
             for script in scripts:
-                self.runner.run(self.ports[name], script, 32, seconds)
+                self.runner.run(self.port(name), script, 32, seconds)
 
     # ---- phases
 
@@ -654,14 +541,14 @@ class Bench:
         try:
             self.restart_apps()
             for kind in APPS:  # open every pooled connection, register the create users in the workers
-                http_load(self.ports[kind], self.lines("create"), 4 * len(self.create_users), concurrency)
-                http_load(self.ports[kind], self.lines("mix"), 500, concurrency)
+                http_load(self.port(kind), self.lines("create"), 4 * len(self.create_users), concurrency)
+                http_load(self.port(kind), self.lines("mix"), 500, concurrency)
             for scenario in SCENARIOS:
                 counts[scenario] = {}
                 for kind in APPS:
                     lines = self.lines(scenario, self.delete_pool(total) if scenario == "delete" else None)
                     start = self.server_log.stat().st_size
-                    codes = http_load(self.ports[kind], lines, total, concurrency)
+                    codes = http_load(self.port(kind), lines, total, concurrency)
                     time.sleep(0.3)
                     statements = statements_in(self.server_log, start, self.server_log.stat().st_size,
                                                self.db.name)
@@ -697,17 +584,12 @@ class Bench:
         self.results["load"] = load
 
     def phase_proxy(self) -> None:
-        port = free_port()
-        pg_host, pg_port = self.db.address()
-        self.proxy = Proc("proxy", [PYTHON, str(BENCH / "delay_proxy.py"), "--listen", f"127.0.0.1:{port}",
-                                    "--target", f"{pg_host}:{pg_port}", "--delay-ms", str(self.args.delay_ms)],
-                          dict(os.environ), self.workdir / "proxy.log")
-        time.sleep(1)
+        proxied_url = self.start_proxy()
         try:
-            rtt = {"direct_ms": ping_ms(self.db.url()), "proxied_ms": ping_ms(self.db.url(port))}
+            rtt = {"direct_ms": ping_ms(self.db.url()), "proxied_ms": ping_ms(proxied_url)}
             log(f"proxy: SELECT 1 round trip p50 {rtt['direct_ms']:.3f} ms direct, "
                 f"{rtt['proxied_ms']:.3f} ms through the proxy")
-            self.restart_apps(db_url=self.db.url(port))
+            self.restart_apps(db_url=proxied_url)
             self.warm_up()
             runs = {str(c): self.scenario_pass(c, self.args.proxy_duration, "proxy", self.args.proxy_rounds)
                     for c in self.args.proxy_connections}
@@ -716,8 +598,9 @@ class Bench:
         finally:
             for name in APPS:
                 self.stop_app(name)
-            self.proxy.stop()
-            self.proxy = None
+            if self.proxy:
+                self.proxy.stop()
+                self.proxy = None
         self.restart_apps()
 
     def phase_memory(self) -> None:
@@ -728,7 +611,7 @@ class Bench:
         snapshots = [{"requests": 0, "workers": {pid: memory_of(pid) for pid in self.workers("service")}}]
         done = 0
         for target in (total // 2, total):
-            run = self.runner.run(self.ports["service"], script, 32, 3600, stop_after=target - done)
+            run = self.runner.run(self.port("service"), script, 32, 3600, stop_after=target - done)
             done += run["requests"]
             time.sleep(0.5)
             snapshots.append({"requests": done, "errors": run["errors"], "rps": run["rps"],
@@ -747,41 +630,41 @@ class Bench:
         }
         self.restart_apps(names=["service"])
 
-    def capture_service_sql(self, paths: dict[str, tuple[str, str]]) -> dict[str, str]:
+    def capture_service_sql(self, twin: BenchDatabase, paths: dict[str, tuple[str, str]]) -> dict[str, str]:
         """The service's own SQL for some requests, from the server log (log_statement on the twin)."""
-        self.server_log = self.server_log or find_server_log(self.twin)
+        self.server_log = self.server_log or find_server_log(twin)
         if self.server_log is None:
             return {}
         captured: dict[str, str] = {}
-        self.twin.set_statement_logging(True)
+        twin.set_statement_logging(True)
         try:
-            self.restart_apps(db_url=self.twin.url(), names=["service-empty"])
-            client = Client(self.ports["service-empty"])
+            self.restart_apps(db_url=twin.url(), names=["service-empty"])
+            client = Client(self.port("service-empty"))
             for name, (path, user) in paths.items():
                 start = self.server_log.stat().st_size
                 status, _ = client.call("GET", path, self.token(user))
                 time.sleep(0.05)
                 found = [s for s in statements_in(self.server_log, start, self.server_log.stat().st_size,
-                                                  self.twin.name) if s.lstrip().upper().startswith("SELECT")]
+                                                  twin.name) if s.lstrip().upper().startswith("SELECT")]
                 if status == 200 and len(found) == 1:
                     captured[name] = found[0]
             client.close()
         finally:
-            self.twin.set_statement_logging(False)
-        self.restart_apps(db_url=self.twin.url(), names=["service-empty"])
+            twin.set_statement_logging(False)
+        self.restart_apps(db_url=twin.url(), names=["service-empty"])
         return captured
 
     def phase_scale(self) -> None:
         """A near-empty twin database and this one with 1,000,000 more tasks: list p50, plans, a big list."""
         args = self.args
-        self.twin.create()
-        self.start_app("service-empty", db_url=self.twin.url())
-        self.seed_scale_user(self.ports["service-empty"])
-        self.create_through_api(self.ports["service-empty"], [(self.big_user, 0)])
+        twin = self.twin = BenchDatabase(DATABASE_PREFIX, args.pg, name=self.db.name + "_empty")
+        self.start_app("service-empty", db_url=twin.url())
+        self.seed_scale_user(self.port("service-empty"))
+        self.create_through_api(self.port("service-empty"), [(self.big_user, 0)])
         paths = {f"{status}/{sort}": (f"/api/{self.scale_user}/tasks?status={status}&sort={sort}&limit=20",
                                       self.scale_user) for status, sort in LIST_VARIANTS}
-        sql = self.capture_service_sql({**paths, "big/full": (f"/api/{self.big_user}/tasks", self.big_user)})
-        near_empty = self.twin.query("SELECT count(*) FROM tasks")[0][0]
+        sql = self.capture_service_sql(twin, {**paths, "big/full": (f"/api/{self.big_user}/tasks", self.big_user)})
+        near_empty = twin.query("SELECT count(*) FROM tasks")[0][0]
 
         started = time.monotonic()
         users, rows = args.scale_users, args.scale_rows
@@ -793,7 +676,7 @@ class Bench:
                       "now() - g * interval '1 second', now() - g * interval '1 second' "
                       "FROM generate_series(1, %s) g", (users, rows))
         self.db.query("VACUUM ANALYZE tasks")
-        self.twin.query("VACUUM ANALYZE tasks")
+        twin.query("VACUUM ANALYZE tasks")
         insert_seconds = time.monotonic() - started
         total = self.db.query("SELECT count(*) FROM tasks")[0][0]
         log(f"scale: inserted {rows} tasks of {users} users in {insert_seconds:.1f} s "
@@ -806,7 +689,7 @@ class Bench:
             for round_number in range(args.scale_rounds):
                 order = list(pairs) if round_number % 2 == 0 else list(pairs)[::-1]
                 for label in order:
-                    runs[label].append(self.runner.run(self.ports[pairs[label]], script, 1,
+                    runs[label].append(self.runner.run(self.port(pairs[label]), script, 1,
                                                        args.scale_duration / args.scale_rounds))
             return {label: combine(r) for label, r in runs.items()}
 
@@ -853,7 +736,7 @@ class Bench:
         """One user at the per-user limit, every field at its longest: the longest list a user can ask for."""
         user, limit = "bench-limit", SERVICE_TASK_LIMIT
         self.start_app("service-limit", extra={"WEB_CONCURRENCY": "1"})  # one worker gets every request
-        port, token = self.ports["service-limit"], self.token(user)
+        port, token = self.port("service-limit"), self.token(user)
         client = Client(port)
         status, first = client.call("POST", f"/api/{user}/tasks", token, {"title": "\U0001F600" * 200,
                                                                           "description": "\U0001F600" * 1000})
@@ -922,7 +805,6 @@ class Bench:
             "git": git_describe(), "database": self.db.name, "gunicorn": gunicorn_settings(self.app_env),
             "settings": {k: v for k, v in vars(args).items() if k not in ("pg",)},
         })
-        self.db.create()
         log(f"database {self.db.name} created; starting the service and the floor")
         self.start_app("service")  # creates the schema
         self.start_app("floor")
@@ -940,18 +822,9 @@ class Bench:
     def sweep(self) -> dict[str, Any]:
         """Service only: each gunicorn configuration on the same scenarios, in interleaved rounds."""
         args = self.args
-        self.db.create()
         self.start_app("service")
         self.seed()
-        db_url = None
-        if args.sweep_proxy:
-            port = free_port()
-            pg_host, pg_port = self.db.address()
-            self.proxy = Proc("proxy", [PYTHON, str(BENCH / "delay_proxy.py"), "--listen", f"127.0.0.1:{port}",
-                                        "--target", f"{pg_host}:{pg_port}", "--delay-ms", str(args.delay_ms)],
-                              dict(os.environ), self.workdir / "proxy.log")
-            time.sleep(1)
-            db_url = self.db.url(port)
+        db_url = self.start_proxy() if args.sweep_proxy else None
         scripts = {scenario: self.runner.requests(self.lines(scenario.partition("@")[0]))
                    for scenario in args.sweep_scenarios}
         raw: dict[str, dict[str, list[dict[str, Any]]]] = {spec: {s: [] for s in scripts}
@@ -998,16 +871,16 @@ class Bench:
         return self.results
 
     def cleanup(self) -> None:
-        for proc in list(Proc.running):
-            try:
-                proc.stop()
-            except Exception as error:  # keep cleaning up
-                log(f"could not stop {proc.name} ({proc.pid}): {error}")
+        try:
+            Process.stop_all()
+        except Exception as error:  # keep cleaning up
+            log(f"could not stop every process: {error}")
         for database in (self.db, self.twin):
+            if database is None or database.dropped:
+                continue
             try:
-                if database.created:
-                    database.drop()
-                    log(f"database {database.name} dropped")
+                database.drop()
+                log(f"database {database.name} dropped")
             except Exception as error:
                 log(f"could not drop database {database.name}: {error}")
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -1048,8 +921,7 @@ def git_describe() -> str:
 
 
 def ping_ms(url: str, count: int = 300) -> float:
-    connection = psycopg2.connect(url)
-    connection.autocommit = True
+    connection = admin_connection(url)
     timings = []
     with connection.cursor() as cursor:
         for _ in range(count):
@@ -1081,7 +953,7 @@ def machine_info() -> dict[str, Any]:
             model = line.split(":", 1)[1].strip()
             break
     try:
-        pg = psycopg2.connect(f"{ARGS.pg}/postgres")
+        pg = admin_connection(ARGS.pg)
         with pg.cursor() as cursor:
             cursor.execute("SHOW server_version")
             pg_version = cursor.fetchone()[0]
@@ -1101,8 +973,8 @@ def gunicorn_settings(env: dict[str, str]) -> dict[str, Any]:
             "import json; print(json.dumps({k: c.get(k) for k in ('worker_class', 'workers', 'threads', "
             "'keepalive', 'timeout')} | {'DB_POOL_SIZE': os.environ.get('DB_POOL_SIZE', '5 (app default)'), "
             "'DB_MAX_OVERFLOW': os.environ.get('DB_MAX_OVERFLOW', '5 (app default)')}))")
-    out = subprocess.run([PYTHON, "-c", code], cwd=ARGS.service_dir, capture_output=True, text=True,
-                         env={**os.environ, **env})
+    app_env = {key: value for key, value in os.environ.items() if key not in SERVICE_VARIABLES} | env
+    out = subprocess.run([PYTHON, "-c", code], cwd=ARGS.service_dir, capture_output=True, text=True, env=app_env)
     try:
         return json.loads(out.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
