@@ -8,11 +8,13 @@ gunicorn settings:  gunicorn -c gunicorn.conf.py --pythonpath bench floor_app:ap
 
 import os
 import threading
-from datetime import timezone
+from datetime import UTC, datetime
+from typing import Any
 
 import jwt
 import psycopg2
-from flask import Flask, jsonify, request
+from flask import Flask, Response, jsonify, request
+from flask.typing import ResponseReturnValue
 
 SECRET = os.environ["BETTER_AUTH_SECRET"]
 DSN = os.environ["DATABASE_URL"]
@@ -20,12 +22,13 @@ COLUMNS = "id, user_id, title, description, completed, created_at, updated_at"
 ORDER = {"created": "created_at", "updated": "updated_at", "title": "title"}
 
 app = Flask(__name__)
-app.json.sort_keys = False
-app.json.ensure_ascii = False
+app.json.sort_keys = False  # type: ignore[attr-defined]
+app.json.ensure_ascii = False  # type: ignore[attr-defined]
 _local = threading.local()
 
 
-def _cursor():
+def _cursor() -> Any:
+    """A cursor on this thread's own autocommit connection, opened at first use."""
     connection = getattr(_local, "connection", None)
     if connection is None or connection.closed:
         connection = _local.connection = psycopg2.connect(DSN)
@@ -33,96 +36,120 @@ def _cursor():
     return connection.cursor()
 
 
-def _one(sql, params):
+def _one(sql: str, params: Any) -> Any:
+    """The first row of a statement, or None."""
     with _cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.fetchone()
 
 
-def _all(sql, params):
+def _all(sql: str, params: Any) -> list[Any]:
+    """Every row of a statement."""
     with _cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.fetchall()
 
 
-def _iso(value):
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+def _iso(value: datetime) -> str:
+    """A timestamp as the API writes it: ISO 8601 in UTC with a Z."""
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _task(row):
-    return {"id": row[0], "user_id": row[1], "title": row[2], "description": row[3], "completed": row[4],
-            "created_at": _iso(row[5]), "updated_at": _iso(row[6])}
+def _task(row: Any) -> dict[str, Any]:
+    """A task row as the API's JSON object."""
+    return {
+        "id": row[0],
+        "user_id": row[1],
+        "title": row[2],
+        "description": row[3],
+        "completed": row[4],
+        "created_at": _iso(row[5]),
+        "updated_at": _iso(row[6]),
+    }
 
 
-def _error(status, detail):
+def _error(status: int, detail: str) -> Response:
+    """An error answer: {"detail": ...} with the status."""
     response = jsonify(detail=detail)
     response.status_code = status
     return response
 
 
-def _owner(user_id):
+def _owner(user_id: str) -> Response | None:
     """None when the token is valid and its sub is user_id, else the error response."""
     header = request.headers.get("Authorization", "")
     if not header.startswith("Bearer "):
         return _error(401, "Sign in to continue.")
     try:
-        claims = jwt.decode(header[7:].strip(), SECRET, algorithms=["HS256"], leeway=30,
-                            options={"require": ["exp", "sub"]})
+        claims = jwt.decode(
+            header[7:].strip(), SECRET, algorithms=["HS256"], leeway=30, options={"require": ["exp", "sub"]}
+        )
     except jwt.PyJWTError:
         return _error(401, "The token is invalid; sign in again.")
     return None if claims["sub"] == user_id else _error(403, "You do not have access to these tasks.")
 
 
 @app.get("/health")
-def health():
+def health() -> ResponseReturnValue:
+    """Liveness."""
     return jsonify(status="ok")
 
 
 @app.get("/health/ready")
-def ready():
+def ready() -> ResponseReturnValue:
+    """Readiness: the database answers."""
     _one("SELECT 1", ())
     return jsonify(status="ok")
 
 
 @app.get("/api/<user_id>/tasks")
-def list_tasks(user_id):
+def list_tasks(user_id: str) -> ResponseReturnValue:
+    """A user's tasks, filtered, sorted, and paged when limit is given (with X-Total-Count)."""
     denied = _owner(user_id)
     if denied:
         return denied
     args = request.args
     sort = args.get("sort", "created")
     order = "DESC" if args.get("order", "asc" if sort == "title" else "desc") == "desc" else "ASC"
-    where, params = "user_id = %s", [user_id]
+    where = "user_id = %s"
+    params: list[Any] = [user_id]
     if args.get("status", "all") != "all":
         where += " AND completed = %s"
         params.append(args["status"] == "completed")
     order_by = f"ORDER BY {ORDER[sort]} {order}, id {order}"
     if "limit" not in args:
-        rows = _all(f"SELECT {COLUMNS} FROM tasks WHERE {where} {order_by} OFFSET %s",
-                    params + [int(args.get("offset", 0))])
+        rows = _all(
+            f"SELECT {COLUMNS} FROM tasks WHERE {where} {order_by} OFFSET %s", params + [int(args.get("offset", 0))]
+        )
         return jsonify([_task(row) for row in rows])
-    rows = _all(f"SELECT {COLUMNS}, count(*) OVER () FROM tasks WHERE {where} {order_by} LIMIT %s OFFSET %s",
-                params + [int(args["limit"]), int(args.get("offset", 0))])
+    rows = _all(
+        f"SELECT {COLUMNS}, count(*) OVER () FROM tasks WHERE {where} {order_by} LIMIT %s OFFSET %s",
+        params + [int(args["limit"]), int(args.get("offset", 0))],
+    )
     response = jsonify([_task(row) for row in rows])
     response.headers["X-Total-Count"] = str(rows[0][7] if rows else 0)
     return response
 
 
 @app.post("/api/<user_id>/tasks")
-def create_task(user_id):
+def create_task(user_id: str) -> ResponseReturnValue:
+    """A new task of the user's."""
     denied = _owner(user_id)
     if denied:
         return denied
     body = request.get_json()
     description = body.get("description")
-    row = _one(f"INSERT INTO tasks (user_id, title, description, completed, created_at, updated_at) "
-               f"VALUES (%s, %s, %s, false, now(), now()) RETURNING {COLUMNS}",
-               (user_id, body["title"].strip(), description.strip() if description else description))
+    row = _one(
+        f"INSERT INTO tasks (user_id, title, description, completed, created_at, updated_at) "
+        f"VALUES (%s, %s, %s, false, now(), now()) RETURNING {COLUMNS}",
+        (user_id, body["title"].strip(), description.strip() if description else description),
+    )
     return jsonify(_task(row)), 201, {"Location": f"/api/{user_id}/tasks/{row[0]}"}
 
 
 @app.get("/api/<user_id>/tasks/<int:task_id>")
-def get_task(user_id, task_id):
+def get_task(user_id: str, task_id: int) -> ResponseReturnValue:
+    """One task of the user's."""
     denied = _owner(user_id)
     if denied:
         return denied
@@ -130,14 +157,19 @@ def get_task(user_id, task_id):
     return jsonify(_task(row)) if row else _error(404, "Task not found.")
 
 
-def _update(user_id, task_id, assignments, params):
-    row = _one(f"UPDATE tasks SET {assignments}, updated_at = clock_timestamp() "
-               f"WHERE id = %s AND user_id = %s RETURNING {COLUMNS}", (*params, task_id, user_id))
+def _update(user_id: str, task_id: int, assignments: str, params: Any) -> ResponseReturnValue:
+    """One UPDATE of a task of the user's; the task as it is now, or 404."""
+    row = _one(
+        f"UPDATE tasks SET {assignments}, updated_at = clock_timestamp() "
+        f"WHERE id = %s AND user_id = %s RETURNING {COLUMNS}",
+        (*params, task_id, user_id),
+    )
     return jsonify(_task(row)) if row else _error(404, "Task not found.")
 
 
 @app.route("/api/<user_id>/tasks/<int:task_id>", methods=["PUT", "PATCH"])
-def update_task(user_id, task_id):
+def update_task(user_id: str, task_id: int) -> ResponseReturnValue:
+    """Change the fields given of a task."""
     denied = _owner(user_id)
     if denied:
         return denied
@@ -148,7 +180,8 @@ def update_task(user_id, task_id):
 
 
 @app.patch("/api/<user_id>/tasks/<int:task_id>/complete")
-def toggle_task(user_id, task_id):
+def toggle_task(user_id: str, task_id: int) -> ResponseReturnValue:
+    """Set completed as given, or flip it without a body."""
     denied = _owner(user_id)
     if denied:
         return denied
@@ -159,7 +192,8 @@ def toggle_task(user_id, task_id):
 
 
 @app.delete("/api/<user_id>/tasks/<int:task_id>")
-def delete_task(user_id, task_id):
+def delete_task(user_id: str, task_id: int) -> ResponseReturnValue:
+    """Delete a task of the user's."""
     denied = _owner(user_id)
     if denied:
         return denied

@@ -7,8 +7,8 @@
 
 It creates a fresh PostgreSQL database (dropped at the end), starts the service (gunicorn app:app)
 and bench/floor_app.py under the same gunicorn.conf.py on loopback ports, seeds users and tasks
-through the API, and loads both with wrk (-t1, one Lua script per scenario with valid tokens and
-existing task ids). Phases:
+through the API, and loads both with wrk (-t1, bench/wrk.lua with a file of requests per scenario
+carrying valid tokens and existing task ids). Phases:
 
   counts  statements per request at the server (log_statement = 'all' on the bench database only,
           counted in the PostgreSQL log for a short separate pass)
@@ -21,12 +21,13 @@ existing task ids). Phases:
           characters): the whole list's time and size, one worker's RSS before, at its peak and after;
           a 20-task page and a create at the limit, and the refused create past it
 
-The results go to stdout (tables for the README) and bench/results/latest.json.
+The results go to stdout (the tables of bench/report.py, for the README) and bench/results/latest.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import http.client
 import json
@@ -38,118 +39,65 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import FrameType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
-
-import jwt
-import psycopg2
+from urllib.parse import urlsplit
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))  # the shared harness (tests/harness.py)
+
+from report import APPS, SCENARIOS, ratio, report, sweep_report  # noqa: E402 (bench/, the script's folder)
+
+from tests.harness import (  # noqa: E402
+    SERVICE_VARIABLES,
+    Gunicorn,
+    PrivateDatabase,
+    Process,
+    admin_connection,
+    drop_stale_databases,
+    free_port,
+    token,
+)
+
 RESULTS = BENCH / "results"
+WRK_SCRIPT = BENCH / "wrk.lua"
 PYTHON = sys.executable
+DATABASE_PREFIX = "tasks_bench"
 
-SCENARIOS = ["list", "get", "create", "update", "toggle", "delete", "mix"]
-APPS = ["service", "floor"]
-LIST_VARIANTS = [(status, sort) for status in ("all", "pending", "completed")
-                 for sort in ("created", "updated", "title")]
-
-# Targets of issue 4.
-RPS_RATIO_MIN, RPS_RATIO_AIM = 0.75, 0.90
-P99_RATIO_MAX = 2.0
-PROXY_P50_RATIO_MAX = 1.2
-SCALE_P50_RATIO_MAX = 1.2
-BIG_LIST_RATIO_MAX = 10.0
-RSS_MAX_MB = 60.0
-RSS_GROWTH_TOLERANCE_MB = 1.0  # "no growth": at most this much between the 50,000th and 100,000th request
-LIMIT_RSS_RETURN_MB = 10.0  # after the longest list, a worker is back within this much of its RSS before it
+LIST_VARIANTS = [
+    (status, sort) for status in ("all", "pending", "completed") for sort in ("created", "updated", "title")
+]
 SERVICE_TASK_LIMIT = 10_000  # the service's MAX_TASKS_PER_USER default: the worst case is a user at it
-STALL_SECONDS = 1.0
+PROGRESS_EVERY = 500  # responses between wrk's progress lines, when a run is to stop after a number of requests
+TOKEN_LIFETIME = 6 * 3600  # longer than any run
 
 
 def log(message: str) -> None:
+    """A timestamped progress line on stderr (stdout carries the report)."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # --- processes ----------------------------------------------------------------------------------
 
-class Proc:
-    """A child process in its own session, stopped by its own id at the end whatever happens."""
-
-    running: list["Proc"] = []
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.name = name
-        self.log_path = log_path
-        self.log_file = open(log_path, "ab", buffering=0)
-        self.popen = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True)
-        Proc.running.append(self)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, timeout: float = 15) -> None:
-        if self.alive():
-            try:
-                self.popen.send_signal(signal.SIGTERM)
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        if self.alive():
-            self.popen.kill()
-            self.popen.wait(5)
-        try:  # leftovers of this process's own group (gunicorn workers after a SIGKILL of their master)
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.log_file.close()
-        if self in Proc.running:
-            Proc.running.remove(self)
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(part) for part in text.split()]
-
-
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its children (a gunicorn master and its workers)."""
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes (a gunicorn master and its workers)."""
     total = 0.0
-    for each in [pid] + children(pid):
+    for pid in pids:
         try:
-            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / _TICKS
         except (OSError, IndexError, ValueError):
             pass
@@ -157,14 +105,17 @@ def cpu_seconds(pid: int) -> float:
 
 
 def memory_of(pid: int) -> dict[str, float]:
-    """RSS (the target), and PSS/USS for context, in MB."""
+    """RSS (the target), its peak, and PSS/USS for context, in MB."""
     result: dict[str, float] = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 result["rss_mb"] = int(line.split()[1]) / 1024
-        rollup = {line.split(":")[0]: int(line.split()[1]) for line in
-                  Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:] if line.split()[1:2]}
+        rollup = {
+            line.split(":")[0]: int(line.split()[1])
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
+            if line.split()[1:2]
+        }
         result["pss_mb"] = rollup.get("Pss", 0) / 1024
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -177,81 +128,27 @@ def memory_of(pid: int) -> dict[str, float]:
 
 # --- the database -------------------------------------------------------------------------------
 
-class Database:
-    def __init__(self, base: str, name: str) -> None:
-        self.base = base.rstrip("/")
-        self.name = name
-        self.created = False
-        self.logging = False
 
-    def url(self, port: int | None = None) -> str:
-        """This database's URL; with `port`, the same server reached through another port (the proxy)."""
-        parts = urlsplit(self.base)
-        netloc = parts.netloc
-        if port is not None:
-            userinfo = netloc.rpartition("@")[0]
-            netloc = (userinfo + "@" if userinfo else "") + f"{parts.hostname or '127.0.0.1'}:{port}"
-        return urlunsplit((parts.scheme, netloc, "/" + self.name, parts.query, ""))
-
-    def address(self) -> tuple[str, int]:
-        parts = urlsplit(self.base)
-        return parts.hostname or "127.0.0.1", parts.port or 5432
-
-    def admin(self) -> Any:
-        connection = psycopg2.connect(urlunsplit(urlsplit(self.base)._replace(path="/postgres")))
-        connection.autocommit = True
-        return connection
-
-    def connect(self) -> Any:
-        connection = psycopg2.connect(self.url())
-        connection.autocommit = True
-        return connection
-
-    def create(self) -> None:
-        connection = self.admin()
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(f'CREATE DATABASE "{self.name}"')
-            self.created = True
-        finally:
-            connection.close()
-
-    def drop(self) -> None:
-        if not self.created:
-            return
-        connection = self.admin()
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
-            self.created = False
-        finally:
-            connection.close()
+class BenchDatabase(PrivateDatabase):
+    """The harness's private database, plus what only the benchmark needs: statement logging, the address."""
 
     def set_statement_logging(self, on: bool) -> None:
-        connection = self.admin()
-        try:
-            with connection.cursor() as cursor:
-                if on:
-                    cursor.execute(f"ALTER DATABASE \"{self.name}\" SET log_statement = 'all'")
-                else:
-                    cursor.execute(f'ALTER DATABASE "{self.name}" RESET log_statement')
-            self.logging = on
-        finally:
-            connection.close()
+        """log_statement = 'all' for new sessions of this database only, or back to the server's setting."""
+        with contextlib.closing(admin_connection(self.server_url)) as connection, connection.cursor() as cursor:
+            if on:
+                cursor.execute(f"ALTER DATABASE \"{self.name}\" SET log_statement = 'all'")
+            else:
+                cursor.execute(f'ALTER DATABASE "{self.name}" RESET log_statement')
 
-    def query(self, sql: str, params: Any = None) -> list[tuple]:
-        connection = self.connect()
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(sql, params)
-                return cursor.fetchall() if cursor.description else []
-        finally:
-            connection.close()
+    def address(self) -> tuple[str, int]:
+        """The server's host and port (where the delay proxy forwards to)."""
+        parts = urlsplit(self.server_url)
+        return parts.hostname or "127.0.0.1", parts.port or 5432
 
 
-def find_server_log(db: Database) -> Path | None:
+def find_server_log(db: PrivateDatabase) -> Path | None:
     """The file PostgreSQL writes its log to: pg_current_logfile(), else a marker looked for."""
-    connection = db.admin()
+    connection = admin_connection(db.server_url)
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_current_logfile(), current_setting('data_directory')")
@@ -293,8 +190,7 @@ def statements_in(log_path: Path, start: int, end: int, database: str) -> list[s
             head, found, statement = line.partition(" LOG:  statement: ")
             if found and tag.search(head):
                 current = [statement]
-                statements.append("")  # filled below
-                statements[-1] = statement
+                statements.append(statement)
         elif current is not None and line.startswith("\t"):
             current.append(line[1:])
             statements[-1] = "\n".join(current)
@@ -302,6 +198,7 @@ def statements_in(log_path: Path, start: int, end: int, database: str) -> list[s
 
 
 def classify(statement: str) -> str:
+    """A statement's kind: its first word, and the table for an INSERT."""
     words = statement.strip().split()
     if not words:
         return "empty"
@@ -311,17 +208,35 @@ def classify(statement: str) -> str:
     return first
 
 
+def ping_ms(url: str, count: int = 300) -> float:
+    """The median round trip of SELECT 1 on one connection, in ms."""
+    connection = admin_connection(url)
+    timings = []
+    with connection.cursor() as cursor:
+        for _ in range(count):
+            start = time.perf_counter()
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+            timings.append(time.perf_counter() - start)
+    connection.close()
+    return round(statistics.median(timings) * 1000, 3)
+
+
 # --- HTTP ---------------------------------------------------------------------------------------
+
 
 class Client:
     """A keep-alive HTTP client for seeding and single requests."""
 
     def __init__(self, port: int) -> None:
+        """A connection to 127.0.0.1:port, opened at the first request."""
         self.port = port
         self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 
-    def call(self, method: str, path: str, token: str | None = None, body: Any = None,
-             raw_body: str | None = None) -> tuple[int, Any]:
+    def call(
+        self, method: str, path: str, token: str | None = None, body: Any = None, raw_body: str | None = None
+    ) -> tuple[int, Any]:
+        """One request (a JSON body, or a raw one); the status and the decoded JSON answer. Retried once."""
         headers = {}
         data = raw_body if raw_body is not None else (json.dumps(body) if body is not None else None)
         if token:
@@ -341,103 +256,83 @@ class Client:
         raise AssertionError("unreachable")
 
     def close(self) -> None:
+        """Close the connection."""
         self.connection.close()
+
+
+def http_load(port: int, lines: list[str], total: int, concurrency: int) -> dict[str, int]:
+    """Exactly `total` requests (cycling through lines) from `concurrency` keep-alive clients."""
+    counter = iter(range(total))
+    lock = threading.Lock()
+    codes: dict[str, int] = {}
+
+    def worker() -> None:
+        """Take the next request until none is left."""
+        client = Client(port)
+        try:
+            while True:
+                with lock:
+                    index = next(counter, None)
+                if index is None:
+                    return
+                method, path, bearer, body = lines[index % len(lines)].split("\t", 3)
+                status, _ = client.call(method, path, bearer, raw_body=body or None)
+                with lock:
+                    codes[str(status)] = codes.get(str(status), 0) + 1
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(worker) for _ in range(concurrency)]:
+            future.result()
+    return codes
 
 
 # --- wrk ----------------------------------------------------------------------------------------
 
-LUA = r"""
--- generated by bench/run.py: cycles through the requests in DATA, one per line:
--- METHOD <tab> PATH <tab> TOKEN <tab> BODY
-local data, progress_every = "__DATA__", __PROGRESS__
-local ffi = require("ffi")
-ffi.cdef[[ typedef struct { long s; long ns; } bench_timespec; int clock_gettime(int, bench_timespec *); ]]
-local ts = ffi.new("bench_timespec")
-local function now_ms()
-  ffi.C.clock_gettime(1, ts)  -- CLOCK_MONOTONIC
-  return tonumber(ts.s) * 1000 + tonumber(ts.ns) / 1e6
-end
-local reqs, n, i = {}, 0, 0
--- globals, read by done() through thread:get()
-started_ms, last_ms, max_gap_ms, responses = 0, 0, 0, 0
 
-function init(args)
-  for line in io.lines(data) do
-    local m, p, tok, body = line:match("^(%u+)\t([^\t]+)\t([^\t]*)\t(.*)$")
-    local headers = {["Authorization"] = "Bearer " .. tok}
-    if body == "" then
-      body = nil
-    else
-      headers["Content-Type"] = "application/json"
-    end
-    n = n + 1
-    reqs[n] = wrk.format(m, p, headers, body)
-  end
-  started_ms = now_ms()
-  last_ms = started_ms
-end
-
-function request()
-  i = i + 1
-  if i > n then i = 1 end
-  return reqs[i]
-end
-
-function response(status, headers, body)
-  local now = now_ms()
-  if now - last_ms > max_gap_ms then max_gap_ms = now - last_ms end
-  last_ms = now
-  responses = responses + 1
-  if progress_every > 0 and responses % progress_every == 0 then
-    io.write("PROGRESS " .. responses .. "\n")
-    io.flush()
-  end
-end
-
-local threads = {}
-function setup(thread)
-  table.insert(threads, thread)
-end
-
-function done(summary, latency, requests)
-  local t = threads[1]
-  local trailing = summary.duration / 1000 - (t:get("last_ms") - t:get("started_ms"))
-  local gap = math.max(t:get("max_gap_ms"), trailing)
-  local e = summary.errors
-  io.write(string.format(
-    'BENCHJSON {"requests": %d, "duration_us": %d, "bytes": %d, "connect": %d, "read": %d, ' ..
-    '"write": %d, "status": %d, "timeout": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, ' ..
-    '"max_us": %d, "mean_us": %.1f, "max_gap_ms": %.1f}\n',
-    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max, latency.mean, gap))
-end
-"""
+def ensure_wrk() -> str:
+    """The path of wrk, installed from Debian's packages if missing."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    log("wrk is missing: installing it with apt-get (Debian's package)")
+    subprocess.run(["apt-get", "update", "-qq"], check=False)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "wrk"], check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    )
+    found = shutil.which("wrk")
+    if not found:
+        raise SystemExit("could not install wrk (apt-get install wrk)")
+    return found
 
 
 class Runner:
-    """wrk with one thread; the Lua script tracks the longest gap between responses (a stall)."""
+    """wrk with one thread and bench/wrk.lua, which also tracks the longest gap between responses (a stall)."""
 
     def __init__(self, workdir: Path) -> None:
+        """Request files go to workdir."""
         self.workdir = workdir
         self.counter = 0
         self.wrk = ensure_wrk()
 
-    def script(self, lines: list[str], progress_every: int = 0) -> Path:
+    def requests(self, lines: list[str]) -> Path:
+        """A new file of requests for wrk.lua, one line each: METHOD <tab> PATH <tab> TOKEN <tab> BODY."""
         self.counter += 1
         data = self.workdir / f"requests-{self.counter}.txt"
         data.write_text("\n".join(lines) + "\n")
-        script = self.workdir / f"script-{self.counter}.lua"
-        script.write_text(LUA.replace("__DATA__", str(data)).replace("__PROGRESS__", str(progress_every)))
-        return script
+        return data
 
-    def run(self, port: int, script: Path, connections: int, duration: float,
-            stop_after: int | None = None) -> dict[str, Any]:
-        """One wrk run; with stop_after (and a script with progress lines) it is interrupted after
-        about that many responses."""
-        argv = [self.wrk, "-t1", f"-c{connections}", f"-d{max(1, math.ceil(duration))}s", "--timeout", "5s",
-                "-s", str(script), f"http://127.0.0.1:{port}"]
-        popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 start_new_session=True)
+    def run(
+        self, port: int, requests: Path, connections: int, duration: float, stop_after: int | None = None
+    ) -> dict[str, Any]:
+        """One wrk run on a file of requests; with stop_after, interrupted after about that many responses."""
+        argv = [self.wrk, "-t1", f"-c{connections}", f"-d{max(1, math.ceil(duration))}s", "--timeout", "5s"]
+        argv += ["-s", str(WRK_SCRIPT), f"http://127.0.0.1:{port}", "--"]
+        argv += [str(requests), str(PROGRESS_EVERY if stop_after else 0)]
+        popen = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         output: list[str] = []
         try:
             assert popen.stdout is not None
@@ -479,12 +374,19 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return runs[0]
     seconds = sum(r["seconds"] for r in runs)
     requests = sum(r["requests"] for r in runs)
-    out = {"connections": runs[0]["connections"], "seconds": round(seconds, 2), "requests": requests,
-           "rps": round(requests / seconds, 1) if seconds else 0.0, "rounds": len(runs),
-           "errors": sum(r["errors"] for r in runs), "max_gap_s": max(r["max_gap_s"] for r in runs),
-           "max_ms": max(r["max_ms"] for r in runs),
-           "error_detail": {k: sum(r["error_detail"].get(k, 0) for r in runs)
-                            for k in {k for r in runs for k in r["error_detail"]}}}
+    out = {
+        "connections": runs[0]["connections"],
+        "seconds": round(seconds, 2),
+        "requests": requests,
+        "rps": round(requests / seconds, 1) if seconds else 0.0,
+        "rounds": len(runs),
+        "errors": sum(r["errors"] for r in runs),
+        "max_gap_s": max(r["max_gap_s"] for r in runs),
+        "max_ms": max(r["max_ms"] for r in runs),
+        "error_detail": {
+            k: sum(r["error_detail"].get(k, 0) for r in runs) for k in {k for r in runs for k in r["error_detail"]}
+        },
+    }
     for key in ("p50_ms", "p90_ms", "p99_ms"):
         out[key] = round(statistics.mean(r[key] for r in runs), 3)
     if all("cpu_s" in r for r in runs):
@@ -494,33 +396,20 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def ensure_wrk() -> str:
-    found = shutil.which("wrk")
-    if found:
-        return found
-    log("wrk is missing: installing it with apt-get (Debian's package)")
-    subprocess.run(["apt-get", "update", "-qq"], check=False)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True,
-                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    found = shutil.which("wrk")
-    if not found:
-        raise SystemExit("could not install wrk (apt-get install wrk)")
-    return found
-
-
 # --- the benchmark ------------------------------------------------------------------------------
 
+
 class Bench:
+    """One benchmark run or sweep: its database, apps, seeded users and results; cleanup() undoes it all."""
+
     def __init__(self, args: argparse.Namespace) -> None:
+        """A work folder, wrk, and a fresh database (created last: cleanup() is what drops it)."""
         self.args = args
         self.secret = secrets.token_hex(32)
-        self.db = Database(args.pg, f"tasks_bench_{os.getpid()}_{secrets.token_hex(3)}")
-        self.twin = Database(args.pg, self.db.name + "_empty")  # the scale phase's near-empty table
         self.workdir = Path(tempfile.mkdtemp(prefix="tasks-bench-"))
         self.runner = Runner(self.workdir)
-        self.apps: dict[str, Proc] = {}
-        self.ports: dict[str, int] = {}
-        self.proxy: Proc | None = None
+        self.apps: dict[str, Gunicorn] = {}
+        self.proxy: Process | None = None
         self.tokens: dict[str, str] = {}
         self.list_users = [f"bench-u{i:03d}" for i in range(args.users)]
         self.create_users = [f"bench-c{i:03d}" for i in range(args.users)]
@@ -529,73 +418,94 @@ class Bench:
         self.app_env: dict[str, str] = {}
         self.results: dict[str, Any] = {}
         self.server_log: Path | None = None
+        self.twin: BenchDatabase | None = None  # the scale phase's near-empty table
+        for name in drop_stale_databases(DATABASE_PREFIX, args.pg):
+            log(f"dropped {name}, left by a benchmark run that was killed")
+        self.db = BenchDatabase(DATABASE_PREFIX, args.pg)
 
     # ---- apps
 
     def token(self, user: str) -> str:
+        """A valid token for user (one per user and run)."""
         if user not in self.tokens:
-            now = int(time.time())
-            self.tokens[user] = jwt.encode({"sub": user, "iat": now, "exp": now + 6 * 3600}, self.secret,
-                                           algorithm="HS256")
+            self.tokens[user] = token(user, self.secret, lifetime=TOKEN_LIFETIME)
         return self.tokens[user]
 
-    def start_app(self, name: str, *, db_url: str | None = None, extra: dict[str, str] | None = None,
-                  gunicorn_args: list[str] | None = None) -> None:
+    def port(self, name: str) -> int:
+        """The port of a running app."""
+        return self.apps[name].port
+
+    def start_app(
+        self,
+        name: str,
+        *,
+        db_url: str | None = None,
+        extra: dict[str, str] | None = None,
+        gunicorn_args: tuple[str, ...] = (),
+    ) -> None:
         """Start `service` or `floor` (a name may carry a suffix: service-empty) under gunicorn.conf.py."""
-        kind = name.split("-")[0]
-        port = free_port()
-        env = {**os.environ, **self.app_env, **(extra or {}), "BETTER_AUTH_SECRET": self.secret,
-               "DATABASE_URL": db_url or self.db.url(), "PORT": str(port), "PYTHONUNBUFFERED": "1"}
-        service_dir = self.args.service_dir
-        argv = [PYTHON, "-m", "gunicorn", "-c", str(service_dir / "gunicorn.conf.py"), "-b", f"127.0.0.1:{port}",
-                *(gunicorn_args or [])]
-        argv += (["--pythonpath", str(BENCH), "floor_app:app"] if kind == "floor"
-                 else ["--chdir", str(service_dir), "app:app"])
-        proc = Proc(name, argv, env, self.workdir / f"{name}.log")
-        self.apps[name], self.ports[name] = proc, port
-        deadline = time.monotonic() + 60
-        while True:
-            if not proc.alive():
-                raise RuntimeError(f"{name} exited at startup:\n{proc.tail()}")
-            try:
-                status, _ = Client(port).call("GET", "/health/ready")
-                if status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not become ready:\n{proc.tail()}")
-            time.sleep(0.2)
+        floor = name.split("-")[0] == "floor"
+        env = {
+            **self.app_env,
+            **(extra or {}),
+            "BETTER_AUTH_SECRET": self.secret,
+            "DATABASE_URL": db_url or self.db.url(),
+        }
+        app = Gunicorn(
+            env,
+            self.workdir / f"{name}.log",
+            root=self.args.service_dir,
+            app_spec="floor_app:app" if floor else "app:app",
+            extra_args=(*gunicorn_args, *(("--pythonpath", str(BENCH)) if floor else ())),
+            python=PYTHON,
+            name=name,
+        )
+        self.apps[name] = app
+        app.wait_healthy(60, "/health/ready")
         time.sleep(1.5)  # the other workers finish booting
 
     def stop_app(self, name: str) -> None:
-        proc = self.apps.pop(name, None)
-        if proc:
-            proc.stop()
+        """Stop an app if it runs."""
+        app = self.apps.pop(name, None)
+        if app:
+            app.stop()
 
     def restart_apps(self, db_url: str | None = None, names: list[str] | None = None) -> None:
+        """Restart apps (both by default) with fresh workers and connections, on db_url if given."""
         for name in names or APPS:
             self.stop_app(name)
             self.start_app(name, db_url=db_url)
 
     def workers(self, name: str) -> list[int]:
-        return children(self.apps[name].pid)
+        """The worker pids of a running app."""
+        return self.apps[name].worker_pids()
+
+    def start_proxy(self) -> str:
+        """bench/delay_proxy.py in front of PostgreSQL; the bench database's URL through it."""
+        port = free_port()
+        pg_host, pg_port = self.db.address()
+        argv = [PYTHON, str(BENCH / "delay_proxy.py"), "--listen", f"127.0.0.1:{port}"]
+        argv += ["--target", f"{pg_host}:{pg_port}", "--delay-ms", str(self.args.delay_ms)]
+        self.proxy = Process("proxy", argv, self.workdir / "proxy.log", cwd=ROOT)
+        time.sleep(1)
+        return self.db.url(port=port)
 
     # ---- seeding (through the API)
 
     def create_through_api(self, port: int, jobs: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """A task for each (user, number), from 8 clients; the (user, task id) pairs."""
         local = threading.local()
 
         def create(job: tuple[str, int]) -> tuple[str, int]:
+            """Create one task."""
             if not hasattr(local, "client"):
                 local.client = Client(port)
             user, k = job
-            status, body = local.client.call("POST", f"/api/{user}/tasks", self.token(user),
-                                             {"title": f"Seed task {k} of {user}",
-                                              "description": "seeded by bench/run.py"})
+            body = {"title": f"Seed task {k} of {user}", "description": "seeded by bench/run.py"}
+            status, answer = local.client.call("POST", f"/api/{user}/tasks", self.token(user), body)
             if status != 201:
-                raise RuntimeError(f"seeding failed: {status} {body}")
-            return user, body["id"]
+                raise RuntimeError(f"seeding failed: {status} {answer}")
+            return user, answer["id"]
 
         with ThreadPoolExecutor(8) as pool:
             return list(pool.map(create, jobs))
@@ -605,18 +515,23 @@ class Bench:
         ids = [task_id for _, task_id in self.create_through_api(port, [(self.scale_user, k) for k in range(40)])]
         client = Client(port)
         for task_id in sorted(ids)[::2]:
-            status, _ = client.call("PATCH", f"/api/{self.scale_user}/tasks/{task_id}/complete",
-                                    self.token(self.scale_user), {"completed": True})
+            status, _ = client.call(
+                "PATCH",
+                f"/api/{self.scale_user}/tasks/{task_id}/complete",
+                self.token(self.scale_user),
+                {"completed": True},
+            )
             assert status == 200, status
         client.close()
 
     def seed(self) -> None:
+        """The users and tasks of every scenario, through the service's API."""
         started = time.monotonic()
         jobs = [(user, k) for user in self.list_users for k in range(self.args.tasks)]
-        jobs += [(user, 0) for user in self.create_users + [self.big_user]]
-        for user, task_id in self.create_through_api(self.ports["service"], jobs):
+        jobs += [(user, 0) for user in [*self.create_users, self.big_user]]
+        for user, task_id in self.create_through_api(self.port("service"), jobs):
             self.task_ids.setdefault(user, []).append(task_id)
-        self.seed_scale_user(self.ports["service"])
+        self.seed_scale_user(self.port("service"))
         seconds = round(time.monotonic() - started, 1)
         log(f"seeded {len(jobs) + 40} tasks of {len(self.task_ids) + 1} users through the API in {seconds} s")
         self.results["seed"] = {"users": len(self.task_ids) + 1, "tasks": len(jobs) + 40, "seconds": seconds}
@@ -624,9 +539,11 @@ class Bench:
     # ---- request lists per scenario: "METHOD <tab> PATH <tab> TOKEN <tab> BODY"
 
     def line(self, method: str, path: str, user: str, body: Any = None) -> str:
+        """One request line of user's."""
         return "\t".join([method, path, self.token(user), json.dumps(body) if body is not None else ""])
 
     def lines(self, scenario: str, delete_ids: list[tuple[str, int]] | None = None) -> list[str]:
+        """The request lines of a scenario (delete: of the given tasks)."""
         # (user, task) pairs of the list users, interleaved so that neighbours (in flight together) differ
         pairs = [(user, self.task_ids[user][k]) for k in range(self.args.tasks) for user in self.list_users]
         if scenario == "list":
@@ -634,12 +551,17 @@ class Bench:
         if scenario == "get":
             return [self.line("GET", f"/api/{u}/tasks/{t}", u) for u, t in pairs]
         if scenario == "create":
-            return [self.line("POST", f"/api/{u}/tasks", u, {"title": f"Bench task {k}",
-                                                               "description": "created under load"})
-                    for k in range(7) for u in self.create_users]
+            body = {"description": "created under load"}
+            return [
+                self.line("POST", f"/api/{u}/tasks", u, {"title": f"Bench task {k}", **body})
+                for k in range(7)
+                for u in self.create_users
+            ]
         if scenario == "update":
-            return [self.line("PATCH", f"/api/{u}/tasks/{t}", u, {"title": f"Renamed {k % 7}"})
-                    for k, (u, t) in enumerate(pairs)]
+            return [
+                self.line("PATCH", f"/api/{u}/tasks/{t}", u, {"title": f"Renamed {k % 7}"})
+                for k, (u, t) in enumerate(pairs)
+            ]
         if scenario == "toggle":
             return [self.line("PATCH", f"/api/{u}/tasks/{t}/complete", u) for u, t in pairs]
         if scenario == "delete":
@@ -649,7 +571,7 @@ class Bench:
             rng = random.Random(4)
             slots = ["list"] * 6 + ["get"] * 2 + ["create", "toggle"]
             sources = {name: self.lines(name) for name in ("list", "get", "create", "toggle")}
-            position = {name: 0 for name in sources}
+            position = dict.fromkeys(sources, 0)
             out = []
             for _ in range(200):
                 rng.shuffle(slots)
@@ -666,60 +588,66 @@ class Bench:
             "INSERT INTO tasks (user_id, title, description, completed, created_at, updated_at) "
             "SELECT (%s::text[])[1 + g %% %s], 'To delete ' || g, 'created for a delete run', false, now(), now() "
             "FROM generate_series(1, %s) g RETURNING user_id, id",
-            (self.create_users, len(self.create_users), count))
+            (self.create_users, len(self.create_users), count),
+        )
         random.Random(count).shuffle(rows)
         return [(user, task_id) for user, task_id in rows]
 
     # ---- load
 
-    def scenario_pass(self, connections: int, duration: float, label: str, rounds: int = 1,
-                      scenarios: list[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    def scenario_pass(
+        self, connections: int, duration: float, label: str, rounds: int = 1, scenarios: list[str] | None = None
+    ) -> dict[str, dict[str, dict[str, Any]]]:
         """Every scenario for both apps, alternating which goes first; returns [scenario][app]."""
         out: dict[str, dict[str, dict[str, Any]]] = {}
-        scripts = {name: self.runner.script(self.lines(name)) for name in SCENARIOS if name != "delete"}
-        fastest = {kind: 1000.0 for kind in APPS}
+        files = {name: self.runner.requests(self.lines(name)) for name in SCENARIOS if name != "delete"}
+        fastest = dict.fromkeys(APPS, 1000.0)
         per_round = duration / rounds
         for index, scenario in enumerate(SCENARIOS):
             if scenarios and scenario not in scenarios:
                 continue
             runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in APPS}
             for round_number in range(rounds):
-                for kind in (APPS if (index + round_number) % 2 == 0 else APPS[::-1]):
+                for kind in APPS if (index + round_number) % 2 == 0 else APPS[::-1]:
                     if scenario == "delete":  # enough tasks for the fastest rate seen, with a margin
                         count = int(fastest[kind] * math.ceil(per_round) * 1.5) + 500
-                        script = self.runner.script(self.lines("delete", self.delete_pool(count)))
+                        requests = self.runner.requests(self.lines("delete", self.delete_pool(count)))
                     else:
-                        script = scripts[scenario]
-                    runs[kind].append(self.measured_run(kind, script, connections, per_round))
+                        requests = files[scenario]
+                    runs[kind].append(self.measured_run(kind, requests, connections, per_round))
             out[scenario] = {}
             for kind in APPS:
                 result = out[scenario][kind] = combine(runs[kind])
                 fastest[kind] = max(fastest[kind], result["rps"])
-                log(f"{label} c={connections} {scenario:<6} {kind:<7} {result['rps']:8.1f} req/s  "
+                log(
+                    f"{label} c={connections} {scenario:<6} {kind:<7} {result['rps']:8.1f} req/s  "
                     f"p50 {result['p50_ms']:6.2f}  p99 {result['p99_ms']:7.2f} ms  errors {result['errors']}  "
-                    f"max gap {result['max_gap_s']} s")
+                    f"max gap {result['max_gap_s']} s"
+                )
         return out
 
-    def measured_run(self, name: str, script: Path, connections: int, seconds: float) -> dict[str, Any]:
-        """A wrk run plus the CPU time the app's processes used per request (robust to a busy machine)."""
-        before = cpu_seconds(self.apps[name].pid)
-        result = self.runner.run(self.ports[name], script, connections, seconds)
-        result["cpu_s"] = round(cpu_seconds(self.apps[name].pid) - before, 2)
-        result["cpu_ms_per_request"] = (round(result["cpu_s"] * 1000 / result["requests"], 3)
-                                        if result["requests"] else None)
+    def measured_run(self, name: str, requests: Path, connections: int, seconds: float) -> dict[str, Any]:
+        """A wrk run plus the CPU time the app's processes (master and workers) used per request."""
+        pids = [self.apps[name].process.pid, *self.workers(name)]
+        before = cpu_seconds(pids)
+        result = self.runner.run(self.port(name), requests, connections, seconds)
+        result["cpu_s"] = round(cpu_seconds(pids) - before, 2)
+        result["cpu_ms_per_request"] = (
+            round(result["cpu_s"] * 1000 / result["requests"], 3) if result["requests"] else None
+        )
         return result
 
     def warm_up(self, names: list[str] | None = None, seconds: float = 2) -> None:
-        scripts = [self.runner.script(self.lines("create")), self.runner.script(self.lines("mix"))]
+        """Creates, then the mix, at 32 connections on each app (both by default)."""
+        files = [self.runner.requests(self.lines("create")), self.runner.requests(self.lines("mix"))]
         for name in names or APPS:
-            for script in scripts:
-                self.runner.run(self.ports[name], script, 32, seconds)
+            for requests in files:
+                self.runner.run(self.port(name), requests, 32, seconds)
 
     # ---- phases
 
     def phase_counts(self) -> None:
-        """Statements per request at the server: log_statement = 'all' on this database only, apps
-        restarted so that their new sessions log, an exact number of requests from a Python client."""
+        """Statements per request at the server, counted in the PostgreSQL log for an exact number of requests."""
         self.server_log = find_server_log(self.db)
         if self.server_log is None:
             log("counts: cannot find the PostgreSQL log file; skipping the statement count")
@@ -730,31 +658,35 @@ class Bench:
         counts: dict[str, Any] = {}
         self.db.set_statement_logging(True)
         try:
-            self.restart_apps()
+            self.restart_apps()  # only sessions opened after the ALTER DATABASE log their statements
             for kind in APPS:  # open every pooled connection, register the create users in the workers
-                http_load(self.ports[kind], self.lines("create"), 4 * len(self.create_users), concurrency)
-                http_load(self.ports[kind], self.lines("mix"), 500, concurrency)
+                http_load(self.port(kind), self.lines("create"), 4 * len(self.create_users), concurrency)
+                http_load(self.port(kind), self.lines("mix"), 500, concurrency)
             for scenario in SCENARIOS:
                 counts[scenario] = {}
                 for kind in APPS:
                     lines = self.lines(scenario, self.delete_pool(total) if scenario == "delete" else None)
                     start = self.server_log.stat().st_size
-                    codes = http_load(self.ports[kind], lines, total, concurrency)
+                    codes = http_load(self.port(kind), lines, total, concurrency)
                     time.sleep(0.3)
-                    statements = statements_in(self.server_log, start, self.server_log.stat().st_size,
-                                               self.db.name)
+                    end = self.server_log.stat().st_size
+                    statements = statements_in(self.server_log, start, end, self.db.name)
                     kinds: dict[str, int] = {}
                     for statement in statements:
                         kinds[classify(statement)] = kinds.get(classify(statement), 0) + 1
                     exempt = kinds.get("INSERT users", 0)  # a user's first write in a worker registers them
                     counts[scenario][kind] = {
-                        "requests": total, "status_codes": codes, "statements": len(statements),
+                        "requests": total,
+                        "status_codes": codes,
+                        "statements": len(statements),
                         "statements_per_request": round(len(statements) / total, 3),
                         "registrations": exempt,
                         "steady_statements_per_request": round((len(statements) - exempt) / total, 3),
-                        "statement_kinds": kinds}
-                    log(f"counts {scenario:<6} {kind:<7} {total} requests {codes}: {len(statements)} statements "
-                        f"{kinds}")
+                        "statement_kinds": kinds,
+                    }
+                    log(
+                        f"counts {scenario:<6} {kind:<7} {total} requests {codes}: {len(statements)} statements {kinds}"
+                    )
         finally:
             self.db.set_statement_logging(False)
         self.restart_apps()
@@ -763,6 +695,7 @@ class Bench:
         self.results["counts"] = counts
 
     def phase_load(self) -> None:
+        """Every scenario at the main concurrency in alternating rounds, then at the check levels."""
         self.warm_up()
         load: dict[str, Any] = {}
         main = self.args.connections
@@ -770,49 +703,62 @@ class Bench:
             if connections == main:
                 load[str(connections)] = self.scenario_pass(main, self.args.duration, "load", self.args.rounds)
             else:
-                load[str(connections)] = self.scenario_pass(connections, self.args.check_duration, "check",
-                                                            scenarios=self.args.check_scenarios)
+                load[str(connections)] = self.scenario_pass(
+                    connections, self.args.check_duration, "check", scenarios=self.args.check_scenarios
+                )
         self.results["load"] = load
 
     def phase_proxy(self) -> None:
-        port = free_port()
-        pg_host, pg_port = self.db.address()
-        self.proxy = Proc("proxy", [PYTHON, str(BENCH / "delay_proxy.py"), "--listen", f"127.0.0.1:{port}",
-                                    "--target", f"{pg_host}:{pg_port}", "--delay-ms", str(self.args.delay_ms)],
-                          dict(os.environ), self.workdir / "proxy.log")
-        time.sleep(1)
+        """Both apps behind the delay proxy: every scenario at the proxy levels."""
+        proxied_url = self.start_proxy()
         try:
-            rtt = {"direct_ms": ping_ms(self.db.url()), "proxied_ms": ping_ms(self.db.url(port))}
-            log(f"proxy: SELECT 1 round trip p50 {rtt['direct_ms']:.3f} ms direct, "
-                f"{rtt['proxied_ms']:.3f} ms through the proxy")
-            self.restart_apps(db_url=self.db.url(port))
+            rtt = {"direct_ms": ping_ms(self.db.url()), "proxied_ms": ping_ms(proxied_url)}
+            log(
+                f"proxy: SELECT 1 round trip p50 {rtt['direct_ms']:.3f} ms direct, "
+                f"{rtt['proxied_ms']:.3f} ms through the proxy"
+            )
+            self.restart_apps(db_url=proxied_url)
             self.warm_up()
-            runs = {str(c): self.scenario_pass(c, self.args.proxy_duration, "proxy", self.args.proxy_rounds)
-                    for c in self.args.proxy_connections}
-            self.results["proxy"] = {"delay_ms_each_way": self.args.delay_ms, "select1_round_trip": rtt,
-                                     "runs": runs}
+            runs = {
+                str(c): self.scenario_pass(c, self.args.proxy_duration, "proxy", self.args.proxy_rounds)
+                for c in self.args.proxy_connections
+            }
+            self.results["proxy"] = {
+                "delay_ms_each_way": self.args.delay_ms,
+                "select1_round_trip": rtt,
+                "runs": runs,
+            }
         finally:
             for name in APPS:
                 self.stop_app(name)
-            self.proxy.stop()
-            self.proxy = None
+            if self.proxy:
+                self.proxy.stop()
+                self.proxy = None
         self.restart_apps()
 
     def phase_memory(self) -> None:
         """A fresh service, the mix at 32 connections, RSS of each worker at 0, N/2 and N requests."""
         self.restart_apps(names=["service"])
         total = self.args.memory_requests
-        script = self.runner.script(self.lines("mix"), progress_every=500)
-        snapshots = [{"requests": 0, "workers": {pid: memory_of(pid) for pid in self.workers("service")}}]
+        requests = self.runner.requests(self.lines("mix"))
+        snapshots: list[dict[str, Any]] = [
+            {"requests": 0, "workers": {pid: memory_of(pid) for pid in self.workers("service")}}
+        ]
         done = 0
-        for target in (total // 2, total):
-            run = self.runner.run(self.ports["service"], script, 32, 3600, stop_after=target - done)
+        for goal in (total // 2, total):
+            run = self.runner.run(self.port("service"), requests, 32, 3600, stop_after=goal - done)
             done += run["requests"]
             time.sleep(0.5)
-            snapshots.append({"requests": done, "errors": run["errors"], "rps": run["rps"],
-                              "workers": {pid: memory_of(pid) for pid in self.workers("service")}})
-            log(f"memory: after {done} requests: worker RSS "
-                + ", ".join(f"{m.get('rss_mb', 0):.1f}" for m in snapshots[-1]["workers"].values()) + " MB")
+            snapshots.append(
+                {
+                    "requests": done,
+                    "errors": run["errors"],
+                    "rps": run["rps"],
+                    "workers": {pid: memory_of(pid) for pid in self.workers("service")},
+                }
+            )
+            rss = ", ".join(f"{m.get('rss_mb', 0):.1f}" for m in snapshots[-1]["workers"].values())
+            log(f"memory: after {done} requests: worker RSS {rss} MB")
         half, last = snapshots[1]["workers"], snapshots[2]["workers"]
         common = [pid for pid in last if pid in half]
         floor = {pid: memory_of(pid) for pid in self.workers("floor")}
@@ -825,82 +771,98 @@ class Bench:
         }
         self.restart_apps(names=["service"])
 
-    def capture_service_sql(self, paths: dict[str, tuple[str, str]]) -> dict[str, str]:
+    def capture_service_sql(self, twin: BenchDatabase, paths: dict[str, tuple[str, str]]) -> dict[str, str]:
         """The service's own SQL for some requests, from the server log (log_statement on the twin)."""
-        self.server_log = self.server_log or find_server_log(self.twin)
+        self.server_log = self.server_log or find_server_log(twin)
         if self.server_log is None:
             return {}
         captured: dict[str, str] = {}
-        self.twin.set_statement_logging(True)
+        twin.set_statement_logging(True)
         try:
-            self.restart_apps(db_url=self.twin.url(), names=["service-empty"])
-            client = Client(self.ports["service-empty"])
+            self.restart_apps(db_url=twin.url(), names=["service-empty"])
+            client = Client(self.port("service-empty"))
             for name, (path, user) in paths.items():
                 start = self.server_log.stat().st_size
                 status, _ = client.call("GET", path, self.token(user))
                 time.sleep(0.05)
-                found = [s for s in statements_in(self.server_log, start, self.server_log.stat().st_size,
-                                                  self.twin.name) if s.lstrip().upper().startswith("SELECT")]
+                logged = statements_in(self.server_log, start, self.server_log.stat().st_size, twin.name)
+                found = [s for s in logged if s.lstrip().upper().startswith("SELECT")]
                 if status == 200 and len(found) == 1:
                     captured[name] = found[0]
             client.close()
         finally:
-            self.twin.set_statement_logging(False)
-        self.restart_apps(db_url=self.twin.url(), names=["service-empty"])
+            twin.set_statement_logging(False)
+        self.restart_apps(db_url=twin.url(), names=["service-empty"])
         return captured
+
+    def measure_lists(self, pairs: dict[str, str], path: str, user: str) -> dict[str, dict[str, Any]]:
+        """One GET at 1 connection, in alternating rounds on each app of pairs (label -> app name)."""
+        args = self.args
+        requests = self.runner.requests([self.line("GET", path, user)])
+        runs: dict[str, list[dict[str, Any]]] = {label: [] for label in pairs}
+        for round_number in range(args.scale_rounds):
+            order = list(pairs) if round_number % 2 == 0 else list(pairs)[::-1]
+            for label in order:
+                port = self.port(pairs[label])
+                runs[label].append(self.runner.run(port, requests, 1, args.scale_duration / args.scale_rounds))
+        return {label: combine(r) for label, r in runs.items()}
 
     def phase_scale(self) -> None:
         """A near-empty twin database and this one with 1,000,000 more tasks: list p50, plans, a big list."""
         args = self.args
-        self.twin.create()
-        self.start_app("service-empty", db_url=self.twin.url())
-        self.seed_scale_user(self.ports["service-empty"])
-        self.create_through_api(self.ports["service-empty"], [(self.big_user, 0)])
-        paths = {f"{status}/{sort}": (f"/api/{self.scale_user}/tasks?status={status}&sort={sort}&limit=20",
-                                      self.scale_user) for status, sort in LIST_VARIANTS}
-        sql = self.capture_service_sql({**paths, "big/full": (f"/api/{self.big_user}/tasks", self.big_user)})
-        near_empty = self.twin.query("SELECT count(*) FROM tasks")[0][0]
+        twin = self.twin = BenchDatabase(DATABASE_PREFIX, args.pg, name=self.db.name + "_empty")
+        self.start_app("service-empty", db_url=twin.url())
+        self.seed_scale_user(self.port("service-empty"))
+        self.create_through_api(self.port("service-empty"), [(self.big_user, 0)])
+        paths = {
+            f"{status}/{sort}": (f"/api/{self.scale_user}/tasks?status={status}&sort={sort}&limit=20", self.scale_user)
+            for status, sort in LIST_VARIANTS
+        }
+        sql = self.capture_service_sql(twin, {**paths, "big/full": (f"/api/{self.big_user}/tasks", self.big_user)})
+        near_empty = twin.query("SELECT count(*) FROM tasks")[0][0]
 
         started = time.monotonic()
         users, rows = args.scale_users, args.scale_rows
-        self.db.query("INSERT INTO users (id, email, name, created_at) "
-                      "SELECT 'bulk-' || g, 'bulk-' || g || '@example.com', NULL, now() "
-                      "FROM generate_series(1, %s) g", (users,))
-        self.db.query("INSERT INTO tasks (user_id, title, description, completed, created_at, updated_at) "
-                      "SELECT 'bulk-' || (1 + g %% %s), 'Bulk task ' || g, 'generated', g %% 3 = 0, "
-                      "now() - g * interval '1 second', now() - g * interval '1 second' "
-                      "FROM generate_series(1, %s) g", (users, rows))
+        self.db.query(
+            "INSERT INTO users (id, email, name, created_at) "
+            "SELECT 'bulk-' || g, 'bulk-' || g || '@example.com', NULL, now() "
+            "FROM generate_series(1, %s) g",
+            (users,),
+        )
+        self.db.query(
+            "INSERT INTO tasks (user_id, title, description, completed, created_at, updated_at) "
+            "SELECT 'bulk-' || (1 + g %% %s), 'Bulk task ' || g, 'generated', g %% 3 = 0, "
+            "now() - g * interval '1 second', now() - g * interval '1 second' "
+            "FROM generate_series(1, %s) g",
+            (users, rows),
+        )
         self.db.query("VACUUM ANALYZE tasks")
-        self.twin.query("VACUUM ANALYZE tasks")
+        twin.query("VACUUM ANALYZE tasks")
         insert_seconds = time.monotonic() - started
         total = self.db.query("SELECT count(*) FROM tasks")[0][0]
-        log(f"scale: inserted {rows} tasks of {users} users in {insert_seconds:.1f} s "
-            f"({total} tasks here, {near_empty} in the near-empty twin)")
-
-        def measure(pairs: dict[str, tuple[str, str]], path: str, user: str) -> dict[str, dict[str, Any]]:
-            """Alternating rounds on each app name in pairs (label -> app name), 1 connection."""
-            script = self.runner.script([self.line("GET", path, user)])
-            runs: dict[str, list[dict[str, Any]]] = {label: [] for label in pairs}
-            for round_number in range(args.scale_rounds):
-                order = list(pairs) if round_number % 2 == 0 else list(pairs)[::-1]
-                for label in order:
-                    runs[label].append(self.runner.run(self.ports[pairs[label]], script, 1,
-                                                       args.scale_duration / args.scale_rounds))
-            return {label: combine(r) for label, r in runs.items()}
+        log(
+            f"scale: inserted {rows} tasks of {users} users in {insert_seconds:.1f} s "
+            f"({total} tasks here, {near_empty} in the near-empty twin)"
+        )
 
         lists = {}
         for name, (path, user) in paths.items():
-            result = measure({"near_empty": "service-empty", "loaded": "service"}, path, user)
+            result = self.measure_lists({"near_empty": "service-empty", "loaded": "service"}, path, user)
             lists[name] = {**result, "ratio": ratio(result["loaded"]["p50_ms"], result["near_empty"]["p50_ms"])}
-            log(f"scale: {name:<18} p50 near-empty {result['near_empty']['p50_ms']:.2f} ms, "
-                f"{total} tasks {result['loaded']['p50_ms']:.2f} ms ({lists[name]['ratio']}x)")
+            log(
+                f"scale: {name:<18} p50 near-empty {result['near_empty']['p50_ms']:.2f} ms, "
+                f"{total} tasks {result['loaded']['p50_ms']:.2f} ms ({lists[name]['ratio']}x)"
+            )
         self.stop_app("service-empty")
 
         plans: dict[str, Any] = {}
-        self.db.query("INSERT INTO tasks (user_id, title, description, completed, created_at, updated_at) "
-                      "SELECT %s, 'Big list task ' || g, 'one of many', g %% 2 = 0, "
-                      "now() - g * interval '1 second', now() - g * interval '1 second' "
-                      "FROM generate_series(1, %s) g", (self.big_user, args.big_tasks - 1))
+        self.db.query(
+            "INSERT INTO tasks (user_id, title, description, completed, created_at, updated_at) "
+            "SELECT %s, 'Big list task ' || g, 'one of many', g %% 2 = 0, "
+            "now() - g * interval '1 second', now() - g * interval '1 second' "
+            "FROM generate_series(1, %s) g",
+            (self.big_user, args.big_tasks - 1),
+        )
         self.db.query("ANALYZE tasks")
         connection = self.db.connect()
         try:
@@ -909,49 +871,63 @@ class Bench:
                     cursor.execute("EXPLAIN (ANALYZE, BUFFERS) " + statement)
                     plan = [row[0] for row in cursor.fetchall()]
                     text = "\n".join(plan)
-                    plans[name] = {"index_scan": bool(re.search(r"Index (Only )?Scan|Bitmap Index Scan", text))
-                                   and "Seq Scan on tasks" not in text, "sql": statement, "plan": plan}
+                    index_scan = bool(re.search(r"Index (Only )?Scan|Bitmap Index Scan", text))
+                    plans[name] = {
+                        "index_scan": index_scan and "Seq Scan on tasks" not in text,
+                        "sql": statement,
+                        "plan": plan,
+                    }
         finally:
             connection.close()
 
         small_user = self.list_users[0]
         big = {}
         for kind in APPS:
-            small = measure({kind: kind}, f"/api/{small_user}/tasks", small_user)[kind]
-            large = measure({kind: kind}, f"/api/{self.big_user}/tasks", self.big_user)[kind]
+            small = self.measure_lists({kind: kind}, f"/api/{small_user}/tasks", small_user)[kind]
+            large = self.measure_lists({kind: kind}, f"/api/{self.big_user}/tasks", self.big_user)[kind]
             big[kind] = {"list_small": small, "list_big": large, "ratio": ratio(large["p50_ms"], small["p50_ms"])}
-            log(f"scale: {kind} full list of {args.big_tasks} tasks p50 {large['p50_ms']:.2f} ms, "
-                f"of {args.tasks} tasks {small['p50_ms']:.2f} ms ({big[kind]['ratio']}x)")
+            log(
+                f"scale: {kind} full list of {args.big_tasks} tasks p50 {large['p50_ms']:.2f} ms, "
+                f"of {args.tasks} tasks {small['p50_ms']:.2f} ms ({big[kind]['ratio']}x)"
+            )
         self.results["scale"] = {
-            "near_empty_tasks": near_empty, "tasks": total, "other_users": users,
-            "insert_seconds": round(insert_seconds, 1), "lists": lists, "plans": plans,
-            "big_list": {"tasks": args.big_tasks, "small_tasks": args.tasks, **big}}
+            "near_empty_tasks": near_empty,
+            "tasks": total,
+            "other_users": users,
+            "insert_seconds": round(insert_seconds, 1),
+            "lists": lists,
+            "plans": plans,
+            "big_list": {"tasks": args.big_tasks, "small_tasks": args.tasks, **big},
+        }
 
     def phase_limit(self) -> None:
         """One user at the per-user limit, every field at its longest: the longest list a user can ask for."""
         user, limit = "bench-limit", SERVICE_TASK_LIMIT
         self.start_app("service-limit", extra={"WEB_CONCURRENCY": "1"})  # one worker gets every request
-        port, token = self.ports["service-limit"], self.token(user)
-        client = Client(port)
-        status, first = client.call("POST", f"/api/{user}/tasks", token, {"title": "\U0001F600" * 200,
-                                                                          "description": "\U0001F600" * 1000})
+        bearer = self.token(user)
+        client = Client(self.port("service-limit"))
+        longest = {"title": "\U0001f600" * 200, "description": "\U0001f600" * 1000}
+        status, first = client.call("POST", f"/api/{user}/tasks", bearer, longest)
         if status != 201:
             raise RuntimeError(f"limit: the longest task was refused: {status} {first}")
         started = time.monotonic()
-        self.db.query("INSERT INTO tasks (user_id, title, description, completed, created_at, updated_at) "
-                      "SELECT user_id, title, description, g %% 2 = 0, created_at + g * interval '1 ms', "
-                      "updated_at + g * interval '1 ms' FROM tasks, generate_series(1, %s) g WHERE id = %s",
-                      (limit - 1, first["id"]))
+        self.db.query(
+            "INSERT INTO tasks (user_id, title, description, completed, created_at, updated_at) "
+            "SELECT user_id, title, description, g %% 2 = 0, created_at + g * interval '1 ms', "
+            "updated_at + g * interval '1 ms' FROM tasks, generate_series(1, %s) g WHERE id = %s",
+            (limit - 1, first["id"]),
+        )
         self.db.query("VACUUM ANALYZE tasks")
         insert_seconds = time.monotonic() - started
 
         def timed(method: str, path: str, body: Any = None) -> tuple[int, float, int]:
-            headers = {"Authorization": f"Bearer {token}"}
+            """One request: its status, milliseconds and answer size in bytes."""
+            headers = {"Authorization": f"Bearer {bearer}"}
             if body is not None:
                 headers["Content-Type"] = "application/json"
             began = time.perf_counter()
-            client.connection.request(method, path, body=json.dumps(body) if body is not None else None,
-                                      headers=headers)
+            data = json.dumps(body) if body is not None else None
+            client.connection.request(method, path, body=data, headers=headers)
             response = client.connection.getresponse()
             size = len(response.read())
             return response.status, (time.perf_counter() - began) * 1000, size
@@ -963,10 +939,18 @@ class Bench:
         lists = []
         for _ in range(self.args.limit_lists):
             status, elapsed, size = timed("GET", f"/api/{user}/tasks")
-            lists.append({"status": status, "ms": round(elapsed, 1), "mb": round(size / 1e6, 1),
-                          **{key: round(value, 1) for key, value in memory_of(worker).items()}})
-            log(f"limit: whole list of {limit} tasks: {status}, {size / 1e6:.1f} MB in {elapsed:.0f} ms; worker RSS "
-                f"{lists[-1].get('rss_mb')} MB (peak so far {lists[-1].get('peak_rss_mb')})")
+            lists.append(
+                {
+                    "status": status,
+                    "ms": round(elapsed, 1),
+                    "mb": round(size / 1e6, 1),
+                    **{key: round(value, 1) for key, value in memory_of(worker).items()},
+                }
+            )
+            log(
+                f"limit: whole list of {limit} tasks: {status}, {size / 1e6:.1f} MB in {elapsed:.0f} ms; worker RSS "
+                f"{lists[-1].get('rss_mb')} MB (peak so far {lists[-1].get('peak_rss_mb')})"
+            )
         time.sleep(0.5)
         after = memory_of(worker)
         creates = []
@@ -977,36 +961,50 @@ class Bench:
         client.close()
         self.stop_app("service-limit")
         self.results["limit"] = {
-            "tasks": limit, "insert_seconds": round(insert_seconds, 1), "lists": lists,
-            "rss_before_mb": round(before.get("rss_mb", 0), 1), "rss_after_mb": round(after.get("rss_mb", 0), 1),
+            "tasks": limit,
+            "insert_seconds": round(insert_seconds, 1),
+            "lists": lists,
+            "rss_before_mb": round(before.get("rss_mb", 0), 1),
+            "rss_after_mb": round(after.get("rss_mb", 0), 1),
             "peak_rss_mb": round(after.get("peak_rss_mb", 0), 1),
             "page_p50_ms": round(statistics.median(ms for _, ms, _ in pages), 2),
             "create_at_limit_p50_ms": round(statistics.median(ms for _, ms, _ in creates), 2),
             "refused_p50_ms": round(statistics.median(ms for _, ms, _ in refused), 2),
-            "statuses": sorted({status for status, _, _ in refused + pages + creates}
-                               | {entry["status"] for entry in lists}),
+            "statuses": sorted(
+                {status for status, _, _ in refused + pages + creates} | {entry["status"] for entry in lists}
+            ),
             "refused_statuses": sorted({status for status, _, _ in refused}),
         }
 
     # ---- the whole run
 
     def run(self) -> dict[str, Any]:
+        """Both apps started and seeded, then each phase of --phases; the results."""
         args = self.args
         started = time.time()
-        self.results["meta"] = machine_info()
-        self.results["meta"].update({
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": " ".join([".venv/bin/python", "bench/run.py"] + sys.argv[1:]),
-            "git": git_describe(), "database": self.db.name, "gunicorn": gunicorn_settings(self.app_env),
-            "settings": {k: v for k, v in vars(args).items() if k not in ("pg",)},
-        })
-        self.db.create()
+        self.results["meta"] = machine_info(args.pg)
+        self.results["meta"].update(
+            {
+                "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                "command": " ".join([".venv/bin/python", "bench/run.py", *sys.argv[1:]]),
+                "git": git_describe(),
+                "database": self.db.name,
+                "gunicorn": gunicorn_settings(self.app_env, args.service_dir),
+                "settings": {k: v for k, v in vars(args).items() if k not in ("pg",)},
+            }
+        )
         log(f"database {self.db.name} created; starting the service and the floor")
         self.start_app("service")  # creates the schema
         self.start_app("floor")
         self.seed()
-        phases = {"counts": self.phase_counts, "load": self.phase_load, "proxy": self.phase_proxy,
-                  "memory": self.phase_memory, "scale": self.phase_scale, "limit": self.phase_limit}
+        phases: dict[str, Callable[[], None]] = {
+            "counts": self.phase_counts,
+            "load": self.phase_load,
+            "proxy": self.phase_proxy,
+            "memory": self.phase_memory,
+            "scale": self.phase_scale,
+            "limit": self.phase_limit,
+        }
         for name in args.phases:
             phase_start = time.monotonic()
             log(f"phase {name}")
@@ -1018,44 +1016,41 @@ class Bench:
     def sweep(self) -> dict[str, Any]:
         """Service only: each gunicorn configuration on the same scenarios, in interleaved rounds."""
         args = self.args
-        self.db.create()
         self.start_app("service")
         self.seed()
-        db_url = None
-        if args.sweep_proxy:
-            port = free_port()
-            pg_host, pg_port = self.db.address()
-            self.proxy = Proc("proxy", [PYTHON, str(BENCH / "delay_proxy.py"), "--listen", f"127.0.0.1:{port}",
-                                        "--target", f"{pg_host}:{pg_port}", "--delay-ms", str(args.delay_ms)],
-                              dict(os.environ), self.workdir / "proxy.log")
-            time.sleep(1)
-            db_url = self.db.url(port)
-        scripts = {scenario: self.runner.script(self.lines(scenario.partition("@")[0]))
-                   for scenario in args.sweep_scenarios}
-        raw: dict[str, dict[str, list[dict[str, Any]]]] = {spec: {s: [] for s in scripts}
-                                                           for spec in args.sweep_configs}
+        db_url = self.start_proxy() if args.sweep_proxy else None
+        files = {
+            scenario: self.runner.requests(self.lines(scenario.partition("@")[0])) for scenario in args.sweep_scenarios
+        }
+        raw: dict[str, dict[str, list[dict[str, Any]]]] = {spec: {s: [] for s in files} for spec in args.sweep_configs}
         rss: dict[str, float] = {}
         uss: dict[str, float] = {}
         for round_number in range(args.sweep_rounds):
             order = args.sweep_configs if round_number % 2 == 0 else args.sweep_configs[::-1]
             for spec in order:
                 config = parse_config(spec)
-                extra = {"WEB_CONCURRENCY": str(config["workers"]), "GUNICORN_THREADS": str(config["threads"]),
-                         "DB_POOL_SIZE": str(config["pool"])}
+                extra = {
+                    "WEB_CONCURRENCY": str(config["workers"]),
+                    "GUNICORN_THREADS": str(config["threads"]),
+                    "DB_POOL_SIZE": str(config["pool"]),
+                }
                 self.stop_app("service")
-                flags = ["-k", config["worker_class"]] + (["--preload"] if config["preload"] else [])
+                flags = ("-k", config["worker_class"], *(("--preload",) if config["preload"] else ()))
                 self.start_app("service", db_url=db_url, extra=extra, gunicorn_args=flags)
                 self.warm_up(["service"], 1)
-                for scenario, script in scripts.items():
+                for scenario, requests in files.items():
                     connections = int(scenario.partition("@")[2] or 32)
-                    raw[spec][scenario].append(self.measured_run("service", script, connections,
-                                                                 args.sweep_duration))
+                    raw[spec][scenario].append(self.measured_run("service", requests, connections, args.sweep_duration))
                 memory = [memory_of(p) for p in self.workers("service")]
                 rss[spec] = max(rss.get(spec, 0), max(m.get("rss_mb", 0) for m in memory))
                 uss[spec] = max(uss.get(spec, 0), max(m.get("uss_mb", 0) for m in memory))
-                log(f"sweep round {round_number + 1} {spec:<16} " + "  ".join(
-                    f"{s} {r[-1]['rps']:.0f}/s p99 {r[-1]['p99_ms']:.0f} cpu {r[-1]['cpu_ms_per_request']}"
-                    for s, r in raw[spec].items()))
+                log(
+                    f"sweep round {round_number + 1} {spec:<16} "
+                    + "  ".join(
+                        f"{s} {r[-1]['rps']:.0f}/s p99 {r[-1]['p99_ms']:.0f} cpu {r[-1]['cpu_ms_per_request']}"
+                        for s, r in raw[spec].items()
+                    )
+                )
         rows = []
         for spec in args.sweep_configs:
             summary = {}
@@ -1063,86 +1058,60 @@ class Bench:
                 summary[scenario] = {
                     "rps_median": round(statistics.median(r["rps"] for r in runs), 1),
                     "p99_ms_median": round(statistics.median(r["p99_ms"] for r in runs), 1),
-                    "cpu_ms_per_request_median": round(statistics.median(r["cpu_ms_per_request"] or 0
-                                                                         for r in runs), 3),
-                    "errors": sum(r["errors"] for r in runs), "runs": runs}
-            rows.append({"config": spec, **parse_config(spec), "rss_mb": round(rss.get(spec, 0), 1),
-                         "uss_mb": round(uss.get(spec, 0), 1), "scenarios": summary})
-        self.results = {"meta": machine_info(), "sweep": rows}
-        self.results["meta"].update({"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                                     "git": git_describe(), "rounds": args.sweep_rounds,
-                                     "behind_proxy_ms_each_way": args.delay_ms if args.sweep_proxy else None,
-                                     "seconds_per_run": args.sweep_duration})
+                    "cpu_ms_per_request_median": round(
+                        statistics.median(r["cpu_ms_per_request"] or 0 for r in runs), 3
+                    ),
+                    "errors": sum(r["errors"] for r in runs),
+                    "runs": runs,
+                }
+            rows.append(
+                {
+                    "config": spec,
+                    **parse_config(spec),
+                    "rss_mb": round(rss.get(spec, 0), 1),
+                    "uss_mb": round(uss.get(spec, 0), 1),
+                    "scenarios": summary,
+                }
+            )
+        self.results = {"meta": machine_info(args.pg), "sweep": rows}
+        self.results["meta"].update(
+            {
+                "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                "git": git_describe(),
+                "rounds": args.sweep_rounds,
+                "behind_proxy_ms_each_way": args.delay_ms if args.sweep_proxy else None,
+                "seconds_per_run": args.sweep_duration,
+            }
+        )
         return self.results
 
     def cleanup(self) -> None:
-        for proc in list(Proc.running):
-            try:
-                proc.stop()
-            except Exception as error:  # keep cleaning up
-                log(f"could not stop {proc.name} ({proc.pid}): {error}")
+        """Stop every process started, drop the databases, remove the work folder; whatever fails, go on."""
+        try:
+            Process.stop_all()
+        except Exception as error:  # keep cleaning up
+            log(f"could not stop every process: {error}")
         for database in (self.db, self.twin):
+            if database is None or database.dropped:
+                continue
             try:
-                if database.created:
-                    database.drop()
-                    log(f"database {database.name} dropped")
+                database.drop()
+                log(f"database {database.name} dropped")
             except Exception as error:
                 log(f"could not drop database {database.name}: {error}")
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def http_load(port: int, lines: list[str], total: int, concurrency: int) -> dict[str, int]:
-    """Exactly `total` requests (cycling through lines) from `concurrency` keep-alive clients."""
-    counter = iter(range(total))
-    lock = threading.Lock()
-    codes: dict[str, int] = {}
-
-    def worker() -> None:
-        client = Client(port)
-        try:
-            while True:
-                with lock:
-                    index = next(counter, None)
-                if index is None:
-                    return
-                method, path, token, body = lines[index % len(lines)].split("\t", 3)
-                status, _ = client.call(method, path, token, raw_body=body or None)
-                with lock:
-                    codes[str(status)] = codes.get(str(status), 0) + 1
-        finally:
-            client.close()
-
-    with ThreadPoolExecutor(concurrency) as pool:
-        for future in [pool.submit(worker) for _ in range(concurrency)]:
-            future.result()
-    return codes
+# --- what was measured --------------------------------------------------------------------------
 
 
 def git_describe() -> str:
+    """The commit measured, and whether the tracked files had changes."""
     out = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout.strip()
     return out.stdout.strip()[:80] + (" (+ uncommitted changes)" if dirty else "")
-
-
-def ping_ms(url: str, count: int = 300) -> float:
-    connection = psycopg2.connect(url)
-    connection.autocommit = True
-    timings = []
-    with connection.cursor() as cursor:
-        for _ in range(count):
-            start = time.perf_counter()
-            cursor.execute("SELECT 1")
-            cursor.fetchone()
-            timings.append(time.perf_counter() - start)
-    connection.close()
-    return round(statistics.median(timings) * 1000, 3)
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or not b:
-        return None
-    return round(a / b, 2)
 
 
 def parse_config(spec: str) -> dict[str, Any]:
@@ -1151,274 +1120,83 @@ def parse_config(spec: str) -> dict[str, Any]:
     flags = match.group(4).split(":")[1:] if match else []
     pools = [int(flag[4:]) for flag in flags if re.fullmatch(r"pool\d+", flag)]
     if not match or any(flag != "preload" and not re.fullmatch(r"pool\d+", flag) for flag in flags):
-        raise argparse.ArgumentTypeError(f"bad config {spec!r}; use e.g. gthread:3x4, sync:4x1, "
-                                         "gthread:3x2:pool4:preload")
+        raise argparse.ArgumentTypeError(
+            f"bad config {spec!r}; use e.g. gthread:3x4, sync:4x1, gthread:3x2:pool4:preload"
+        )
     threads = int(match.group(3))
-    return {"worker_class": match.group(1), "workers": int(match.group(2)), "threads": threads,
-            "pool": pools[0] if pools else max(threads, 5), "preload": "preload" in flags}
+    return {
+        "worker_class": match.group(1),
+        "workers": int(match.group(2)),
+        "threads": threads,
+        "pool": pools[0] if pools else max(threads, 5),
+        "preload": "preload" in flags,
+    }
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(pg: str) -> dict[str, Any]:
+    """CPUs, CPU model, Python, PostgreSQL, wrk and kernel versions."""
     model = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             model = line.split(":", 1)[1].strip()
             break
     try:
-        pg = psycopg2.connect(f"{ARGS.pg}/postgres")
-        with pg.cursor() as cursor:
+        connection = admin_connection(pg)
+        with connection.cursor() as cursor:
             cursor.execute("SHOW server_version")
             pg_version = cursor.fetchone()[0]
-        pg.close()
+        connection.close()
     except Exception:
         pg_version = "?"
     wrk_version = subprocess.run([shutil.which("wrk") or "wrk", "-v"], capture_output=True, text=True).stdout
-    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "postgresql": pg_version, "wrk": (wrk_version.split("\n")[0].split(" [")[0] if wrk_version else "?"),
-            "kernel": platform.release()}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "postgresql": pg_version,
+        "wrk": (wrk_version.split("\n")[0].split(" [")[0] if wrk_version else "?"),
+        "kernel": platform.release(),
+    }
 
 
-def gunicorn_settings(env: dict[str, str]) -> dict[str, Any]:
-    """What gunicorn.conf.py resolves to under this environment."""
-    code = ("import os, runpy; os.environ.setdefault('BETTER_AUTH_SECRET', 'x'); "
-            "c = runpy.run_path('gunicorn.conf.py'); "
-            "import json; print(json.dumps({k: c.get(k) for k in ('worker_class', 'workers', 'threads', "
-            "'keepalive', 'timeout')} | {'DB_POOL_SIZE': os.environ.get('DB_POOL_SIZE', '5 (app default)'), "
-            "'DB_MAX_OVERFLOW': os.environ.get('DB_MAX_OVERFLOW', '5 (app default)')}))")
-    out = subprocess.run([PYTHON, "-c", code], cwd=ARGS.service_dir, capture_output=True, text=True,
-                         env={**os.environ, **env})
+def gunicorn_settings(env: dict[str, str], service_dir: Path) -> dict[str, Any]:
+    """What gunicorn.conf.py resolves to in the environment the apps get (the harness's, plus env)."""
+    code = (
+        "import os, runpy; os.environ.setdefault('BETTER_AUTH_SECRET', 'x'); "
+        "c = runpy.run_path('gunicorn.conf.py'); "
+        "import json; print(json.dumps({k: c.get(k) for k in ('worker_class', 'workers', 'threads', "
+        "'keepalive', 'timeout')} | {'DB_POOL_SIZE': os.environ.get('DB_POOL_SIZE', '5 (app default)'), "
+        "'DB_MAX_OVERFLOW': os.environ.get('DB_MAX_OVERFLOW', '5 (app default)')}))"
+    )
+    app_env = {key: value for key, value in os.environ.items() if key not in SERVICE_VARIABLES} | env
+    out = subprocess.run([PYTHON, "-c", code], cwd=service_dir, capture_output=True, text=True, env=app_env)
     try:
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        settings: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        return settings
     except (IndexError, ValueError):
         return {"error": out.stderr[-500:]}
 
 
-# --- reporting ----------------------------------------------------------------------------------
-
-def fmt(value: Any, digits: int = 1) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def table(headers: list[str], rows: list[list[Any]]) -> str:
-    cells = [[fmt(c) if not isinstance(c, str) else c for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |"
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    body = ["| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
-            for r in cells]
-    return "\n".join([line, sep, *body])
-
-
-def report(results: dict[str, Any], args: argparse.Namespace) -> tuple[str, list[dict[str, Any]]]:
-    """The tables (markdown) and the list of targets with met/missed."""
-    out: list[str] = []
-    targets: list[dict[str, Any]] = []
-
-    def target(name: str, met: bool, detail: str) -> None:
-        targets.append({"target": name, "met": bool(met), "detail": detail})
-
-    meta = results["meta"]
-    out.append(f"{meta['date']}; {meta['nproc']} cores ({meta['cpu']}); PostgreSQL {meta['postgresql']}; "
-               f"Python {meta['python']}; {meta['wrk']} -t1; commit {meta.get('git', '?')}")
-    g = meta["gunicorn"]
-    out.append(f"gunicorn (both apps): {g.get('worker_class')}, {g.get('workers')} workers x {g.get('threads')} "
-               f"threads; service pool {g.get('DB_POOL_SIZE')} + overflow {g.get('DB_MAX_OVERFLOW')}")
-    counts = results.get("counts", {})
-    load = results.get("load", {})
-    main = load.get(str(args.connections), {})
-
-    def spr(scenario: str, kind: str) -> str:
-        entry = counts.get(scenario, {}).get(kind) if isinstance(counts.get(scenario), dict) else None
-        return f"{entry['steady_statements_per_request']:.2f}" if entry else "-"
-
-    if main:
-        rows = []
-        for scenario in SCENARIOS:
-            s, f = main[scenario]["service"], main[scenario]["floor"]
-            rows.append([scenario, s["rps"], f["rps"], ratio(s["rps"], f["rps"]), s["p50_ms"], f["p50_ms"],
-                         s["p99_ms"], f["p99_ms"], ratio(s["p99_ms"], f["p99_ms"]),
-                         f"{s['errors']}/{f['errors']}", f"{spr(scenario, 'service')}/{spr(scenario, 'floor')}",
-                         f"{fmt(s.get('cpu_ms_per_request'), 2)}/{fmt(f.get('cpu_ms_per_request'), 2)}"])
-        rounds = main["list"]["service"].get("rounds", 1)
-        out.append(f"\n### Service vs floor at {args.connections} connections\n\n"
-                   f"{args.duration:g} s per scenario and app ({rounds} alternating round(s)); latency in ms; "
-                   "errors, statements per request (at the server, separate count pass) and the app's CPU ms per "
-                   "request (all its processes, from /proc) as service/floor.\n")
-        out.append(table(["scenario", "svc req/s", "floor req/s", "ratio", "svc p50", "floor p50", "svc p99",
-                          "floor p99", "p99 ratio", "errors", "stmts/req", "CPU ms/req"], [
-            [r[0], f"{r[1]:.0f}", f"{r[2]:.0f}", fmt(r[3], 2), f"{r[4]:.2f}", f"{r[5]:.2f}", f"{r[6]:.2f}",
-             f"{r[7]:.2f}", fmt(r[8], 2), r[9], r[10], r[11]] for r in rows]))
-        worst = min(rows, key=lambda r: r[3] or 0)
-        target("2. req/s >= 0.75x the floor at 32 connections, every scenario (aim 0.9x)",
-               all((r[3] or 0) >= RPS_RATIO_MIN for r in rows),
-               f"lowest {worst[3]}x ({worst[0]}); >= 0.75x in {sum((r[3] or 0) >= RPS_RATIO_MIN for r in rows)}/7, "
-               f">= 0.9x in {sum((r[3] or 0) >= RPS_RATIO_AIM for r in rows)}/7")
-    if "list" in counts:
-        steady = {s: counts[s]["service"]["steady_statements_per_request"] for s in SCENARIOS}
-        raw = {s: counts[s]["service"]["statements_per_request"] for s in SCENARIOS}
-        registrations = sum(counts[s]["service"]["registrations"] for s in SCENARIOS)
-        kinds = {s: counts[s]["service"]["statement_kinds"] for s in SCENARIOS}
-        target("1. exactly 1 statement per request at the server (BEGIN/COMMIT/ROLLBACK/pings included)",
-               all(v == 1.0 for v in steady.values()),
-               ", ".join(f"{s} {v:g}" for s, v in steady.items())
-               + (f"; plus {registrations} first-write user registrations (exempt; raw "
-                  + ", ".join(f"{s} {v:g}" for s, v in raw.items() if v != steady[s]) + ")" if registrations else "")
-               + "; kinds seen: " + ", ".join(sorted({k for v in kinds.values() for k in v})))
-    if load:
-        rows = []
-        p99_ok, clean = True, True
-        for level in sorted(load, key=int):
-            for scenario in [name for name in SCENARIOS if name in load[level]]:
-                s, f = load[level][scenario]["service"], load[level][scenario]["floor"]
-                r = ratio(s["p99_ms"], f["p99_ms"])
-                if int(level) >= args.connections and (r or 0) > P99_RATIO_MAX:
-                    p99_ok = False
-                if s["errors"] or s["max_gap_s"] >= STALL_SECONDS:
-                    clean = False
-                rows.append([level, scenario, f"{s['rps']:.0f}", f"{f['rps']:.0f}", f"{s['p99_ms']:.2f}",
-                             f"{f['p99_ms']:.2f}", fmt(r, 2), f"{s['errors']}/{f['errors']}",
-                             f"{s['max_gap_s']:.2f}/{f['max_gap_s']:.2f}"])
-        out.append(f"\n### Tail latency, errors, stalls\n\n{args.check_duration:g} s per scenario and app at the "
-                   "other levels; max gap = longest time without a response (s), service/floor.\n")
-        out.append(table(["conns", "scenario", "svc req/s", "floor req/s", "svc p99", "floor p99", "p99 ratio",
-                          "errors", "max gap"], rows))
-        judged = [r for r in rows if int(r[0]) >= args.connections]
-        worst = max(judged, key=lambda r: float(r[6]) if r[6] != "-" else 0)
-        target("3a. p99 at 32 and 128 connections <= 2x the floor's", p99_ok,
-               f"worst {worst[6]}x ({worst[1]} at {worst[0]}); over 2x in "
-               f"{sum(float(r[6]) > P99_RATIO_MAX for r in judged if r[6] != '-')}/{len(judged)}")
-        levels = sorted(load, key=int)
-        target(f"3b. zero errors and no stall (>= {STALL_SECONDS:g} s without a response) at "
-               + ", ".join(levels) + " connections", clean,
-               f"service errors {sum(load[l][s]['service']['errors'] for l in levels for s in load[l])}, "
-               f"longest gap {max(load[l][s]['service']['max_gap_s'] for l in levels for s in load[l]):.2f} s")
-    proxy = results.get("proxy")
-    if proxy:
-        rtt = proxy["select1_round_trip"]
-        out.append(f"\n### Behind the delay proxy\n\n{proxy['delay_ms_each_way']:g} ms each way "
-                   f"(SELECT 1 round trip p50: {rtt['direct_ms']:.2f} ms direct, {rtt['proxied_ms']:.2f} ms "
-                   f"through the proxy); p50 in ms.\n")
-        rows, ratios = [], []
-        for level, runs in proxy["runs"].items():
-            for scenario in SCENARIOS:
-                s, f = runs[scenario]["service"], runs[scenario]["floor"]
-                r = ratio(s["p50_ms"], f["p50_ms"])
-                ratios.append((r or 99, scenario, level))
-                rows.append([level, scenario, f"{s['p50_ms']:.2f}", f"{f['p50_ms']:.2f}", fmt(r, 2),
-                             f"{s['rps']:.0f}", f"{f['rps']:.0f}", f"{s['errors']}/{f['errors']}"])
-        out.append(table(["conns", "scenario", "svc p50", "floor p50", "p50 ratio", "svc req/s", "floor req/s",
-                          "errors"], rows))
-        worst = max(ratios)
-        target("4. behind the 1 ms proxy, p50 <= 1.2x the floor's, every scenario",
-               all(r <= PROXY_P50_RATIO_MAX for r, _, _ in ratios),
-               f"worst {worst[0]}x ({worst[1]} at {worst[2]} conn.); within 1.2x: "
-               f"{sum(r <= PROXY_P50_RATIO_MAX for r, _, _ in ratios)}/{len(ratios)}")
-    scale = results.get("scale")
-    if scale:
-        rows = []
-        for name, entry in scale["lists"].items():
-            plan = scale["plans"].get(name)
-            rows.append([name, f"{entry['near_empty']['p50_ms']:.2f}", f"{entry['loaded']['p50_ms']:.2f}",
-                         fmt(entry["ratio"], 2), "-" if not plan else ("yes" if plan["index_scan"] else "NO")])
-        out.append(f"\n### Scale\n\nA user's list (limit=20) for each status and sort, p50 in ms at 1 connection: "
-                   f"near-empty table ({scale['near_empty_tasks']} tasks) vs {scale['tasks']:,} tasks of "
-                   f"{scale['other_users']:,} other users (bulk-inserted in {scale['insert_seconds']} s), "
-                   "alternating rounds; index scan = EXPLAIN ANALYZE of the service's own statement.\n")
-        out.append(table(["status/sort", "near-empty p50", "loaded p50", "ratio", "index scan"], rows))
-        big = scale["big_list"]
-        out.append(f"\nWhole list of {big['tasks']} tasks vs {big['small_tasks']} tasks (p50 at 1 connection): "
-                   + "; ".join(f"{kind} {big[kind]['list_big']['p50_ms']:.2f} vs "
-                               f"{big[kind]['list_small']['p50_ms']:.2f} ms ({big[kind]['ratio']}x)"
-                               for kind in APPS if kind in big))
-        worst = max(rows, key=lambda r: float(r[3]) if r[3] != "-" else 0)
-        target("5a. list p50 with the big table <= 1.2x near-empty, each status and sort",
-               all(r[3] != "-" and float(r[3]) <= SCALE_P50_RATIO_MAX for r in rows),
-               f"worst {worst[3]}x ({worst[0]}); within 1.2x: "
-               f"{sum(r[3] != '-' and float(r[3]) <= SCALE_P50_RATIO_MAX for r in rows)}/{len(rows)}")
-        plans = scale["plans"]
-        target("5b. EXPLAIN shows an index scan (the service's own statements)",
-               len(plans) == len(scale["lists"]) + 1 and all(p["index_scan"] for p in plans.values()),
-               f"{sum(p['index_scan'] for p in plans.values())}/{len(plans)} plans captured and index-scanned")
-        target(f"5c. whole list of {big['tasks']} tasks < 10x a {big['small_tasks']}-task list",
-               (big["service"]["ratio"] or 99) < BIG_LIST_RATIO_MAX,
-               f"service {big['service']['ratio']}x, floor {big['floor']['ratio']}x")
-    memory = results.get("memory")
-    if memory:
-        snaps = memory["snapshots"]
-        workers = max(len(s["workers"]) for s in snaps)
-        rows = [[str(s["requests"])] + [f"{w.get('rss_mb', 0):.1f}" for w in s["workers"].values()]
-                + [""] * (workers - len(s["workers"])) for s in snaps]
-        floor_rss = [w.get("rss_mb", 0) for w in memory["floor_workers_now"].values()]
-        out.append(f"\n### Memory\n\nRSS (MB) of each service worker of a fresh service under the mix at 32 "
-                   f"connections (the floor's workers, for scale: "
-                   f"{', '.join(f'{r:.1f}' for r in floor_rss)} MB).\n")
-        out.append(table(["requests"] + [f"worker {i + 1}" for i in range(workers)], rows))
-        target(f"6. worker RSS <= {RSS_MAX_MB:g} MB after {snaps[-1]['requests']:,} requests, no growth "
-               f"(<= {RSS_GROWTH_TOLERANCE_MB:g} MB) over the second half",
-               memory["max_rss_mb"] <= RSS_MAX_MB and memory["max_growth_mb"] <= RSS_GROWTH_TOLERANCE_MB
-               and memory["same_workers"],
-               f"max RSS {memory['max_rss_mb']} MB; max growth {memory['max_growth_mb']} MB")
-    limit = results.get("limit")
-    if limit:
-        rows = [[str(i + 1), str(entry["status"]), f"{entry['mb']:.1f}", f"{entry['ms']:.0f}",
-                 fmt(entry.get("rss_mb")), fmt(entry.get("peak_rss_mb"))] for i, entry in enumerate(limit["lists"])]
-        out.append(f"\n### The worst case a user can make\n\nOne user at the limit, {limit['tasks']:,} tasks, every "
-                   f"field at its longest in 4-byte characters (bulk-inserted in {limit['insert_seconds']} s), on a "
-                   f"service with one worker. The whole list, one request after another; the worker's RSS (MB) "
-                   f"after each and its peak so far. Before: {limit['rss_before_mb']} MB; 0.5 s after the last: "
-                   f"{limit['rss_after_mb']} MB. At the limit, p50: a 20-task page {limit['page_p50_ms']} ms, a "
-                   f"create {limit['create_at_limit_p50_ms']} ms, the refused create past it "
-                   f"{limit['refused_p50_ms']} ms ({'/'.join(map(str, limit['refused_statuses']))}).\n")
-        out.append(table(["list", "status", "MB", "ms", "RSS after", "peak RSS"], rows))
-        target(f"10.2 the longest list is bounded: the worker back within {LIMIT_RSS_RETURN_MB:g} MB of its RSS, "
-               "a create past the limit refused",
-               limit["rss_after_mb"] - limit["rss_before_mb"] <= LIMIT_RSS_RETURN_MB
-               and limit["refused_statuses"] == [409] and all(e["status"] == 200 for e in limit["lists"]),
-               f"RSS {limit['rss_before_mb']} -> peak {limit['peak_rss_mb']} -> {limit['rss_after_mb']} MB; "
-               f"list {max(e['ms'] for e in limit['lists']):.0f} ms at most")
-    if targets:
-        out.append("\n### Targets\n")
-        out.append(table(["target", "met", "numbers"],
-                         [[t["target"], "met" if t["met"] else "MISSED", t["detail"]] for t in targets]))
-    return "\n".join(out), targets
-
-
-def sweep_report(results: dict[str, Any]) -> str:
-    rows = results["sweep"]
-    scenarios = list(rows[0]["scenarios"]) if rows else []
-    meta = results["meta"]
-    head = (f"{meta['date']}; {meta['nproc']} cores ({meta['cpu']}); service only"
-            + (f", behind the delay proxy ({meta['behind_proxy_ms_each_way']:g} ms each way)"
-               if meta.get("behind_proxy_ms_each_way") else "")
-            + f"; medians of {meta['rounds']} interleaved rounds of {meta['seconds_per_run']:g} s; "
-            "CPU = the service's CPU ms per request\n\n")
-    headers = ["config", "pool"] + [f"{s} req/s" for s in scenarios] + [f"{s} p99 ms" for s in scenarios] + \
-              [f"{s} CPU" for s in scenarios] + ["errors", "RSS MB", "USS MB"]
-    body = []
-    for row in rows:
-        runs = row["scenarios"]
-        body.append([row["config"], str(row["pool"])] + [f"{runs[s]['rps_median']:.0f}" for s in scenarios] +
-                    [f"{runs[s]['p99_ms_median']:.0f}" for s in scenarios] +
-                    [f"{runs[s]['cpu_ms_per_request_median']:.2f}" for s in scenarios] +
-                    [str(sum(r["errors"] for r in runs.values())), f"{row['rss_mb']:.1f}", f"{row['uss_mb']:.1f}"])
-    return head + table(headers, body)
-
-
 # --- entry point --------------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command line, with the defaults of --quick or of the full run filled in."""
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a short smoke run of every phase")
     parser.add_argument("--sweep", action="store_true", help="compare gunicorn settings instead")
-    parser.add_argument("--pg", default=os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432"),
-                        help="PostgreSQL server URL without a database (a superuser, for log_statement)")
-    parser.add_argument("--phases", default="counts,load,proxy,memory,scale,limit",
-                        help="comma-separated subset of counts,load,proxy,memory,scale,limit")
+    parser.add_argument(
+        "--pg",
+        default=os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432"),
+        help="PostgreSQL server URL without a database (a superuser, for log_statement)",
+    )
+    parser.add_argument(
+        "--phases",
+        default="counts,load,proxy,memory,scale,limit",
+        help="comma-separated subset of counts,load,proxy,memory,scale,limit",
+    )
     parser.add_argument("--connections", type=int, default=32, help="the table's concurrency")
     parser.add_argument("--duration", type=float, help="seconds per scenario and app at --connections")
     parser.add_argument("--rounds", type=int, help="--duration is split into this many alternating rounds")
@@ -1443,29 +1221,45 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, help="WEB_CONCURRENCY for both apps (default: gunicorn.conf.py)")
     parser.add_argument("--threads", type=int, help="GUNICORN_THREADS for both apps")
     parser.add_argument("--pool-size", type=int, help="DB_POOL_SIZE for the service")
-    parser.add_argument("--sweep-configs", default="sync:2x1,sync:3x1,sync:4x1,gthread:2x2,gthread:2x4,"
-                        "gthread:2x8,gthread:3x2,gthread:3x4,gthread:3x8,gthread:4x4,gthread:5x4")
+    parser.add_argument(
+        "--sweep-configs",
+        default="sync:2x1,sync:3x1,sync:4x1,gthread:2x2,gthread:2x4,"
+        "gthread:2x8,gthread:3x2,gthread:3x4,gthread:3x8,gthread:4x4,gthread:5x4",
+    )
     parser.add_argument("--sweep-scenarios", default="mix@32,mix@128")
     parser.add_argument("--sweep-duration", type=float, default=4)
     parser.add_argument("--sweep-rounds", type=int, default=3)
     parser.add_argument("--sweep-proxy", action="store_true", help="sweep with the service behind the delay proxy")
-    parser.add_argument("--service-dir", type=Path, default=ROOT,
-                        help="where app.py and gunicorn.conf.py are (to measure a patched copy)")
+    parser.add_argument(
+        "--service-dir",
+        type=Path,
+        default=ROOT,
+        help="where app.py and gunicorn.conf.py are (to measure a patched copy)",
+    )
     parser.add_argument("--json", type=Path, help="results file (default bench/results/latest.json or sweep.json)")
     args = parser.parse_args(argv)
     defaults = {  # (quick, full)
-        "duration": (2, 10), "rounds": (1, 2), "check_duration": (1, 5), "count_requests": (200, 1000),
-        "proxy_duration": (1, 6), "proxy_rounds": (1, 2), "memory_requests": (10_000, 100_000),
-        "scale_rows": (100_000, 1_000_000), "scale_users": (1_000, 10_000), "scale_duration": (1, 4),
-        "scale_rounds": (1, 2), "limit_lists": (3, 5)}
+        "duration": (2, 10),
+        "rounds": (1, 2),
+        "check_duration": (1, 5),
+        "count_requests": (200, 1000),
+        "proxy_duration": (1, 6),
+        "proxy_rounds": (1, 2),
+        "memory_requests": (10_000, 100_000),
+        "scale_rows": (100_000, 1_000_000),
+        "scale_users": (1_000, 10_000),
+        "scale_duration": (1, 4),
+        "scale_rounds": (1, 2),
+        "limit_lists": (3, 5),
+    }
     for name, (short, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, short if args.quick else full)
     if args.quick and args.sweep:
         args.sweep_duration, args.sweep_rounds = 2, 1
     args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    args.check_scenarios = [c.strip() for c in (args.check_scenarios or ("mix" if args.quick else
-                                                                          ",".join(SCENARIOS))).split(",")]
+    check_scenarios = args.check_scenarios or ("mix" if args.quick else ",".join(SCENARIOS))
+    args.check_scenarios = [c.strip() for c in check_scenarios.split(",")]
     if args.quick and args.proxy_connections == "1,8":
         args.proxy_connections = "8"
     args.check_connections = [int(c) for c in str(args.check_connections).split(",") if c.strip()]
@@ -1477,12 +1271,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-ARGS: argparse.Namespace
-
-
 def main(argv: list[str]) -> int:
-    global ARGS
-    ARGS = args = parse_args(argv)
+    """Run the benchmark or the sweep, print the report, write the results file; the exit status."""
+    args = parse_args(argv)
     bench = Bench(args)
     if args.workers:
         bench.app_env["WEB_CONCURRENCY"] = str(args.workers)
@@ -1491,7 +1282,8 @@ def main(argv: list[str]) -> int:
     if args.pool_size:
         bench.app_env["DB_POOL_SIZE"] = str(args.pool_size)
 
-    def terminate(signum: int, _frame: Any) -> None:
+    def terminate(signum: int, _frame: FrameType | None) -> None:
+        """SIGTERM and SIGHUP stop the run as Ctrl-C does: through the cleanup."""
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
@@ -1509,7 +1301,7 @@ def main(argv: list[str]) -> int:
     if args.sweep:
         text = sweep_report(results)
     else:
-        text, targets = report(results, args)
+        text, targets = report(results)
         results["targets"] = targets
     results["report"] = text
     path.write_text(json.dumps(results, indent=2, default=str))
