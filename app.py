@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import click
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, url_for
@@ -115,7 +115,7 @@ def load_config(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
         )
     config["CORS_ORIGINS"] = ",".join(exact_origins(config["CORS_ORIGINS"]))
     if config["BETTER_AUTH_URL"] and not config["JWKS_URL"]:
-        config["JWKS_URL"] = config["BETTER_AUTH_URL"].rstrip("/") + "/api/auth/jwks"
+        config["JWKS_URL"] = better_auth_urls(config["BETTER_AUTH_URL"])[0]
     allow_dev_secret = config.get("ALLOW_DEV_SECRET", False)
     if config["BETTER_AUTH_SECRET"] == auth.DEV_SECRET and not allow_dev_secret:
         raise ConfigError(
@@ -144,6 +144,18 @@ def _typed(name: str, value: Any, default: Any) -> Any:
         return kind(value)
     except ValueError:
         raise ConfigError(f"{name} must be {words}, not {value!r}.") from None
+
+
+def better_auth_urls(base_url: str) -> tuple[str, str]:
+    """Better Auth's JWKS URL and its tokens' iss and aud, from BETTER_AUTH_URL, as Better Auth derives them.
+
+    A base URL without a path gets Better Auth's base path, /api/auth; one with a path (as Better Auth
+    also accepts, https://app.example.com/api/auth) is the base path itself. iss and aud are the origin.
+    """
+    parts = urlsplit(base_url.strip())
+    origin = f"{parts.scheme}://{parts.netloc}"
+    auth_base = base_url.strip().rstrip("/") if parts.path.strip("/") else origin + "/api/auth"
+    return auth_base + "/jwks", origin
 
 
 def exact_origins(raw: str) -> list[str]:
@@ -214,10 +226,10 @@ def _warn_about_the_secret(config: Mapping[str, Any]) -> None:
 
 
 def _jwks_client(config: Mapping[str, Any]) -> auth.JWKSClient:
-    """Better Auth's JWKS, with iss and aud defaulting to its base URL as its jwt plugin sets them."""
-    base_url = (config["BETTER_AUTH_URL"] or "").rstrip("/") or None
-    issuer = config["JWT_ISSUER"] or base_url
-    audience = config["JWT_AUDIENCE"] or base_url
+    """Better Auth's JWKS, with iss and aud defaulting to its base URL's origin, as its jwt plugin sets them."""
+    origin = better_auth_urls(config["BETTER_AUTH_URL"])[1] if config["BETTER_AUTH_URL"] else None
+    issuer = auth.one_or_many(config["JWT_ISSUER"]) or origin
+    audience = auth.one_or_many(config["JWT_AUDIENCE"]) or origin
     if not (issuer and audience):
         log.warning(
             "JWKS tokens are accepted without an iss or aud check: set BETTER_AUTH_URL, or JWT_ISSUER and JWT_AUDIENCE."

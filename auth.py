@@ -57,8 +57,23 @@ def bearer_token() -> str:
         raise _unauthorized("Sign in to continue: the request has no Authorization header.", token_sent=False)
     match = _BEARER.fullmatch(header.strip())
     if match is None:
+        _explain_a_session_token(header.strip().partition(" ")[2])
         raise _unauthorized("The Authorization header must be 'Bearer <token>'.", token_sent=False)
     return match.group(1)
+
+
+def _explain_a_session_token(token: str) -> None:
+    """Say in the log (never in the answer) when the token is a Better Auth session token, not a JWT.
+
+    The most common integration mistake: the bearer plugin's session token (an id and its signature, two
+    dot-separated parts, sometimes percent-encoded) where the service needs the jwt plugin's JWT.
+    """
+    if token.count(".") == 1:
+        log.info(
+            "token rejected: it has two parts, as a Better Auth session token has, where a JWT has three: "
+            "send the JWT of Better Auth's jwt plugin (authClient.token(), or the set-auth-jwt header of "
+            "getSession), or one that your own route signs with BETTER_AUTH_SECRET"
+        )
 
 
 class VerifiedTokens:
@@ -112,6 +127,7 @@ def _verify_signed_token(token: str) -> tuple[Mapping[str, Any], Callable[[], bo
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError:
+        _explain_a_session_token(token)
         raise _invalid_token() from None
     algorithm = header.get("alg")
     if not isinstance(algorithm, str):
@@ -120,7 +136,7 @@ def _verify_signed_token(token: str) -> tuple[Mapping[str, Any], Callable[[], bo
     if algorithm == "HS256" and config.get("BETTER_AUTH_SECRET"):
         key: Any = config["BETTER_AUTH_SECRET"]
         algorithms = ALGORITHMS
-        issuer, audience = config.get("JWT_ISSUER"), config.get("JWT_AUDIENCE")
+        issuer, audience = one_or_many(config.get("JWT_ISSUER")), one_or_many(config.get("JWT_AUDIENCE"))
         key_still_trusted = None  # the secret is the process's for its whole life
     elif algorithm in JWKS_ALGORITHMS and jwks is not None:
         kid = header.get("kid")
@@ -133,7 +149,15 @@ def _verify_signed_token(token: str) -> tuple[Mapping[str, Any], Callable[[], bo
     return MappingProxyType(_decode(token, key, algorithms, issuer=issuer, audience=audience)), key_still_trusted
 
 
-def _decode(token: str, key: Any, algorithms: list[str], *, issuer: str | None, audience: str | None) -> dict[str, Any]:
+def one_or_many(names: str | None) -> str | list[str] | None:
+    """A JWT_ISSUER or JWT_AUDIENCE: one value, or a comma-separated list of them (preview deployments)."""
+    values = [name.strip() for name in (names or "").split(",") if name.strip()]
+    return values if len(values) > 1 else (values[0] if values else None)
+
+
+def _decode(
+    token: str, key: Any, algorithms: list[str], *, issuer: str | list[str] | None, audience: str | list[str] | None
+) -> dict[str, Any]:
     """Check signature and claims with pinned algorithms; exp and sub are required."""
     try:
         claims = jwt.decode(
@@ -180,8 +204,8 @@ class JWKSClient:
         self,
         url: str,
         *,
-        issuer: str | None,
-        audience: str | None,
+        issuer: str | list[str] | None,
+        audience: str | list[str] | None,
         refetch_seconds: float = 30,
         timeout_seconds: float = 5,
         max_age_seconds: float = 300,

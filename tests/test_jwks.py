@@ -307,6 +307,34 @@ def test_better_auth_url_sets_jwks_url_and_claims(database_url: str) -> None:
     application.extensions["db"].engine.dispose()
 
 
+@pytest.mark.parametrize(
+    "base_url,jwks_url",
+    [
+        ("https://app.example.com", "https://app.example.com/api/auth/jwks"),
+        ("https://app.example.com/", "https://app.example.com/api/auth/jwks"),
+        ("https://app.example.com/api/auth", "https://app.example.com/api/auth/jwks"),
+        ("https://app.example.com/api/auth/", "https://app.example.com/api/auth/jwks"),
+        ("https://app.example.com:8443/auth", "https://app.example.com:8443/auth/jwks"),
+    ],
+)
+def test_better_auth_url_with_or_without_a_path_is_read_as_better_auth_reads_it(
+    database_url: str, base_url: str, jwks_url: str
+) -> None:
+    # Better Auth takes a base URL with a path as its base path, and signs iss and aud with the origin.
+    application = make_app(database_url, BETTER_AUTH_URL=base_url, BETTER_AUTH_SECRET=None)
+    client = application.extensions["jwks"]
+    origin = jwks_url.split("/", 3)[0] + "//" + jwks_url.split("/", 3)[2]
+    assert (client.url, client.issuer, client.audience) == (jwks_url, origin, origin)
+    application.extensions["db"].engine.dispose()
+
+
+def test_a_jwks_token_from_a_base_url_with_a_path_is_accepted(
+    jwks_app_with: Callable[..., Any], signing_keys: dict[str, SigningKey]
+) -> None:
+    application = jwks_app_with(BETTER_AUTH_URL=AUTH_URL + "/api/auth")  # iss and aud stay the origin
+    assert _get_tasks(application, signing_keys["EdDSA"].token()).status_code == 200
+
+
 def test_jwks_key_removed_from_the_set_stops_verifying(
     jwks_app_with: Callable[..., Any], jwks_server: JWKSServer, signing_keys: dict[str, SigningKey]
 ) -> None:

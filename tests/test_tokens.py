@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -103,6 +104,48 @@ def test_audience_and_issuer_checked_when_configured(database_url: str) -> None:
     assert status(aud="tasks-api", iss="https://evil.example") == 401
     assert status(iss="https://auth.example") == 401
     application.extensions["db"].engine.dispose()
+
+
+def test_issuer_and_audience_may_be_lists(database_url: str) -> None:
+    # Preview deployments: several origins sign tokens for the same service.
+    application = make_app(
+        database_url,
+        JWT_AUDIENCE="https://app.example, https://preview.app.example",
+        JWT_ISSUER="https://a.example,https://b.example",
+    )
+    client = application.test_client()
+
+    def status(**claims: Any) -> int:
+        headers = {"Authorization": f"Bearer {make_token(**claims)}"}
+        return client.get(f"/api/{ALICE}/tasks", headers=headers).status_code
+
+    assert status(aud="https://preview.app.example", iss="https://b.example") == 200
+    assert status(aud="https://app.example", iss="https://a.example") == 200
+    assert status(aud="https://evil.example", iss="https://a.example") == 401
+    assert status(aud="https://app.example", iss="https://c.example") == 401
+    application.extensions["db"].engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "session_token",
+    [
+        "N1cbB4mzJvx2Vd0kBqX1dLtYc4c8yGH9.Gq8s5Yc2o0T7Ar1oYb3x1bXUqR6nXjE0+8xYz3kYw5Q=",  # as set-auth-token has it
+        "N1cbB4mzJvx2Vd0kBqX1dLtYc4c8yGH9.Gq8s5Yc2o0T7Ar1oYb3x1bXUqR6nXjE0%2B8xYz3kYw5Q%3D",  # as the cookie has it
+    ],
+)
+def test_a_better_auth_session_token_sent_as_the_bearer_is_a_generic_401_and_a_log_line_that_says_what_to_send(
+    app: Any, caplog: pytest.LogCaptureFixture, session_token: str
+) -> None:
+    with caplog.at_level(logging.INFO):
+        response = app.test_client().get(f"/api/{ALICE}/tasks", headers={"Authorization": f"Bearer {session_token}"})
+    assert response.status_code == 401 and response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert response.get_json()["detail"] in (
+        "The token is invalid; sign in again.",
+        "The Authorization header must be 'Bearer <token>'.",
+    )
+    lines = [record.getMessage() for record in caplog.records if "session token" in record.getMessage()]
+    assert len(lines) == 1 and "authClient.token()" in lines[0] and "set-auth-jwt" in lines[0]
+    assert session_token not in "".join(record.getMessage() for record in caplog.records)
 
 
 def test_a_sub_longer_than_an_index_can_hold_is_a_401_not_a_503(app: Any, as_user: Any) -> None:
