@@ -21,16 +21,24 @@ from urllib.parse import quote, urlsplit
 
 import click
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, url_for
-from flask.cli import ScriptInfo, with_appcontext
+from flask.cli import AppGroup, ScriptInfo, with_appcontext
 from flask_cors import CORS
 from sqlalchemy import Row, text
 from sqlalchemy import exc as sa_exc
 
 import auth
 import db
+import migrations
 import models
 from auth import require_owner
-from errors import ApiError, ConfigError, classify_database_error, error_response, register_error_handlers
+from errors import (
+    ApiError,
+    ConfigError,
+    SchemaNotReady,
+    classify_database_error,
+    error_response,
+    register_error_handlers,
+)
 from models import task_json
 from validation import (
     BODY_LIMIT,
@@ -62,6 +70,11 @@ SETTINGS: dict[str, Any] = {
     "JWKS_MAX_AGE_SECONDS": 300.0,
     "JWKS_STALE_IF_ERROR_SECONDS": 3600.0,
     "DATABASE_URL": "sqlite:///tasks.db",
+    # Neon's direct (not pooled) URL, for the migrations; unset: they use DATABASE_URL.
+    "DATABASE_URL_UNPOOLED": None,
+    # Migrate the schema to this release's head at startup (under a lock: instances starting together
+    # migrate one at a time). Off when a release phase runs `flask --app app db upgrade` instead.
+    "MIGRATE_ON_START": True,
     "USERS_TABLE": None,
     "DB_POOL_SIZE": 5,
     "DB_MAX_OVERFLOW": 5,
@@ -137,6 +150,11 @@ def _typed(name: str, value: Any, default: Any) -> Any:
     """A setting's value as the type of its default (the environment gives text)."""
     if value is None or default is None or type(value) is type(default):
         return value
+    if isinstance(default, bool):
+        words = str(value).strip().lower()
+        if words not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ConfigError(f"{name} must be 1 or 0 (true or false), not {value!r}.")
+        return words in ("1", "true", "yes", "on")
     kind, words = (float, "a number") if isinstance(default, float) else (int, "a whole number")
     try:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
@@ -211,6 +229,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.after_request(_finish_request)
     app.teardown_request(_end_request)
     app.cli.add_command(token_command)
+    app.cli.add_command(db_commands)
     return app
 
 
@@ -330,6 +349,8 @@ def health_ready() -> Response:
         database.schema.ensure()
         with database.engine.connect() as connection:
             connection.execute(text("SELECT 1"))
+    except SchemaNotReady as error:  # a release whose migrations did not run never gets traffic
+        return error_response(503, str(error), headers={"Retry-After": "5"})
     except (sa_exc.DBAPIError, sa_exc.TimeoutError) as error:
         kind, reason = classify_database_error(error)
         if kind != "transient":
@@ -537,6 +558,66 @@ def token_command(user_id: str, email: str | None, name: str | None, hours: int)
     if not secret:
         raise click.ClickException(NO_SECRET_FOR_TOKENS)
     click.echo(auth.issue_token(secret, user_id, email=email, name=name, lifetime_seconds=hours * 3600))
+
+
+db_commands = AppGroup("db", help="The database schema and its migrations (Alembic, in migrations/).")
+
+
+@db_commands.command("upgrade")
+@click.argument("revision", default="heads")
+@with_appcontext
+def db_upgrade(revision: str) -> None:
+    """Migrate the database to REVISION (this release's head): the release step of a deploy."""
+    db.upgrade_schema(current_app.config, to=revision)
+    click.echo(f"The database schema is at {_current_revision()}.")
+
+
+@db_commands.command("downgrade")
+@click.argument("revision")
+@with_appcontext
+def db_downgrade(revision: str) -> None:
+    """Migrate the database down to REVISION ("base": none of this service's tables left)."""
+    engine = db.migration_engine(current_app.config)
+    try:
+        migrations.downgrade(engine, current_app.config["USERS_TABLE"], revision)
+    finally:
+        engine.dispose()
+    click.echo(f"The database schema is at {_current_revision()}.")
+
+
+@db_commands.command("current")
+@with_appcontext
+def db_current() -> None:
+    """Print the database's revision and this release's."""
+    click.echo(f"database: {_current_revision()}; this release: {migrations.head()}")
+
+
+@db_commands.command("check")
+@with_appcontext
+def db_check() -> None:
+    """Fail when the models have changes that no migration makes (after upgrading to the head)."""
+    found = migrations.differences(db.current().engine, current_app.config["USERS_TABLE"])
+    if found:
+        raise click.ClickException(f"the models differ from the migrations: {found}")
+    click.echo("The models and the migrations agree.")
+
+
+@db_commands.command("revision")
+@click.option("-m", "--message", required=True, help="what the revision does, in a sentence")
+@with_appcontext
+def db_revision(message: str) -> None:
+    """Write a new revision in migrations/versions, with what autogenerate finds missing in the database."""
+    engine = db.migration_engine(current_app.config)
+    try:
+        migrations.revision(engine, current_app.config["USERS_TABLE"], message)
+    finally:
+        engine.dispose()
+
+
+def _current_revision() -> str | None:
+    """The revision the app's database is at."""
+    with db.current().engine.connect() as connection:
+        return migrations.current_revision(connection)
 
 
 def __getattr__(name: str) -> Flask:

@@ -297,13 +297,17 @@ def _jwks_unavailable() -> ApiError:
 def require_owner(view: F) -> F:
     """Let the request through only when its token is valid and its `sub` is the URL's user_id.
 
-    401 comes before 403, and both before any database work or body parsing.
+    401 comes before 403, and both before any database work or body parsing. A sub that cannot be an
+    id of the users table (not a uuid, where its ids are uuids) is a 401 too: the token names no user.
     """
 
     @functools.wraps(view)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         claims = verify_token(bearer_token())
         g.claims = claims  # the request log names the authenticated user, on a 403 too
+        if not current_app.extensions["user_id_acceptable"](claims["sub"]):
+            log.info("token rejected: its sub cannot be an id of the users table (their type differs)")
+            raise _invalid_token()
         if claims["sub"] != kwargs.get("user_id"):
             raise ApiError(403, "You do not have access to these tasks.")
         return view(*args, **kwargs)

@@ -46,6 +46,7 @@ def database_url(postgres_url: str | None, tmp_path: Any) -> str:
     engine = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
     with engine.connect() as connection:
         connection.execute(text("DROP SCHEMA public CASCADE"))
+        connection.execute(text("DROP SCHEMA IF EXISTS neon_auth CASCADE"))  # Neon Auth's, made by some tests
         connection.execute(text("CREATE SCHEMA public"))
     engine.dispose()
     return postgres_url

@@ -17,25 +17,22 @@ import psycopg2
 from flask import Flask, current_app
 from psycopg2 import extensions as pg_extensions
 from sqlalchemy import (
-    Column,
     Engine,
     Executable,
     MetaData,
     Row,
-    String,
     Table,
-    Text,
     create_engine,
     event,
     exc,
-    inspect,
-    text,
 )
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import scoped_session, sessionmaker
+from sqlalchemy.pool import NullPool
 
-from errors import ConfigError, classify_database_error
-from models import OWNED_USERS_MARKER, owned_users_table, register_user, tasks_table_for
+import migrations
+from errors import ConfigError, SchemaNotReady, classify_database_error
+from models import UsersRef, register_user, users_table
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +40,6 @@ log = logging.getLogger(__name__)
 # engine when it first needs the database (run()), so importing this module opens no connection and
 # reads no configuration, and a request that never touches the database creates no session at all.
 Session = scoped_session(sessionmaker(expire_on_commit=False))
-# A lock key of our own, so that workers starting together create the schema one at a time.
-SCHEMA_LOCK_KEY = 0x7A5C_0001
 KNOWN_USERS_MAX = 100_000
 
 
@@ -60,23 +55,27 @@ class Database:
 def init_app(app: Flask) -> Database:
     """Give the app its engine and schema, and hand the request's connection back at teardown.
 
-    The schema is created now; a database that is asleep (Neon scaled to zero) or down does not stop
-    the service, which answers 503s and creates the schema on first use. A configuration mistake (a
-    wrong password, a database that is not UTF8, ...) does stop it, in one sentence.
+    The schema is migrated now (MIGRATE_ON_START), or checked; a database that is asleep (Neon scaled
+    to zero) or down does not stop the service, which answers 503s and migrates on first use. A
+    configuration mistake (a wrong password, a database that is not UTF8, ...) does stop it, in one
+    sentence.
     """
     engine = make_engine(normalise_database_url(app.config["DATABASE_URL"]), app.config)
-    database = Database(engine, SchemaState(engine, app.config["USERS_TABLE"]))
+    database = Database(engine, SchemaState(engine, app.config))
     app.extensions["db"] = database
+    app.extensions["user_id_acceptable"] = user_id_acceptable
     app.teardown_appcontext(_remove_session)
     try:
         database.schema.ensure()
+    except SchemaNotReady as error:  # the release phase migrates; until then, 503s and readiness says why
+        log.warning("%s Until then, task requests are answered 503.", error)
     except (exc.DBAPIError, exc.TimeoutError) as error:
         kind, reason = classify_database_error(error)
         if kind != "transient":  # no retry will fix it: refuse to start
             raise ConfigError(
                 reason if kind == "configuration" else f"The database refused to set up the schema: {reason}"
             ) from None
-        log.warning("database unreachable at startup (%s); the schema will be created on first use", reason)
+        log.warning("database unreachable at startup (%s); the schema will be migrated on first use", reason)
     return database
 
 
@@ -107,6 +106,12 @@ def run(statement: Executable, params: Mapping[str, Any]) -> Sequence[Row[Any]]:
         raise
     session.commit()
     return rows
+
+
+def user_id_acceptable(user_id: str) -> bool:
+    """Whether a token's sub can be an id of the users table (always, while its schema is not known yet)."""
+    users = current().schema.users
+    return users is None or migrations.accepts(users.ref, user_id)
 
 
 def users() -> UsersTable:
@@ -174,9 +179,9 @@ def display_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def make_engine(url: str, settings: Mapping[str, Any]) -> Engine:
+def make_engine(url: str, settings: Mapping[str, Any], *, pool: bool = True) -> Engine:
     """Build the engine from the DB_* settings: autocommit, so that each request is one statement and
-    one round trip.
+    one round trip (pool=False: no pool, a connection per use, for the migrations).
 
     Every view issues a single self-contained statement, so there is no multi-statement
     transaction to protect; BEGIN and COMMIT would only add round trips to a remote database.
@@ -211,20 +216,22 @@ def make_engine(url: str, settings: Mapping[str, Any]) -> Engine:
         # (it loads Kerberos into each worker, about 1 MB, for nothing), unless the URL or PGGSSENCMODE
         # asks for something else.
         connect_args["gssencmode"] = "disable"
-    engine = create_engine(
-        parsed,
-        isolation_level="AUTOCOMMIT",
-        pool_size=settings["DB_POOL_SIZE"],
-        max_overflow=settings["DB_MAX_OVERFLOW"],
-        pool_timeout=settings["DB_POOL_TIMEOUT"],
-        # A connection that a middlebox (NAT, load balancer) may have dropped in silence is replaced
-        # before it is old enough to meet that; one the server closed (Neon's compute scaled to zero)
-        # is caught by the checkout hook.
-        pool_recycle=240,
-        # Replaced by the checkout hook, which costs no round trip on a busy connection.
-        pool_pre_ping=False,
-        connect_args=connect_args,
+    pooling: dict[str, Any] = (
+        {"poolclass": NullPool}
+        if not pool
+        else {
+            "pool_size": settings["DB_POOL_SIZE"],
+            "max_overflow": settings["DB_MAX_OVERFLOW"],
+            "pool_timeout": settings["DB_POOL_TIMEOUT"],
+            # A connection that a middlebox (NAT, load balancer) may have dropped in silence is replaced
+            # before it is old enough to meet that; one the server closed (Neon's compute scaled to zero)
+            # is caught by the checkout hook.
+            "pool_recycle": 240,
+            # Replaced by the checkout hook, which costs no round trip on a busy connection.
+            "pool_pre_ping": False,
+        }
     )
+    engine = create_engine(parsed, isolation_level="AUTOCOMMIT", connect_args=connect_args, **pooling)
     pg_extensions.set_wait_callback(_wait_with_deadline)
     event.listen(engine, "checkout", _make_checkout_check(settings["DB_IDLE_CHECK_SECONDS"]))
     event.listen(engine, "checkin", _mark_checkin)
@@ -336,14 +343,26 @@ if hasattr(os, "register_at_fork"):
 
 # --- the schema -------------------------------------------------------------------------------------
 
+# Migrations may wait for a sleeping Neon compute, and for a long DDL or another instance's migration
+# (the lock); the app's own deadlines are seconds.
+MIGRATION_CONNECT_TIMEOUT = 30
+MIGRATION_WAIT_TIMEOUT = 900
+# While the schema is behind (the release's migrations have not run), it is checked again at most this often.
+SCHEMA_RECHECK_SECONDS = 5.0
+
 
 @dataclass(frozen=True)
 class UsersTable:
     """Which table holds the users, whether this service may write to it, and how it registers a user."""
 
+    ref: UsersRef
     table: Table
-    owned: bool
     register: Executable
+
+    @property
+    def owned(self) -> bool:
+        """Whether this service created the table (and so registers users in it)."""
+        return self.ref.owned
 
     @property
     def name(self) -> str:
@@ -351,111 +370,48 @@ class UsersTable:
         return self.table.name
 
 
-def create_schema(engine: Engine, users_table: str | None = None) -> UsersTable:
-    """Create the missing tables, safely when several processes start at once on an empty database."""
-    with engine.connect() as connection:
-        if connection.dialect.name != "postgresql":
-            return _create_schema_locked(connection, users_table)
-        # One transaction holding a transaction-level lock: it stays on one server even behind
-        # PgBouncer's transaction pooling (Neon's pooled URL), and COMMIT or a lost connection frees it.
-        connection = connection.execution_options(isolation_level="READ COMMITTED")
-        with connection.begin():
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
-            return _create_schema_locked(connection, users_table)
+def migration_engine(settings: Mapping[str, Any]) -> Engine:
+    """An engine for migrations: over DATABASE_URL_UNPOOLED when set (Neon's direct, not pooled, URL),
+    with deadlines long enough for a compute that wakes up and for a DDL that takes its time."""
+    url = normalise_database_url(settings["DATABASE_URL_UNPOOLED"] or settings["DATABASE_URL"])
+    if make_url(url).get_backend_name() == "sqlite":
+        return make_engine(url, settings)
+    return make_engine(
+        url,
+        {**settings, "DB_CONNECT_TIMEOUT": MIGRATION_CONNECT_TIMEOUT, "DB_QUERY_TIMEOUT": MIGRATION_WAIT_TIMEOUT},
+        pool=False,
+    )
 
 
-def _create_schema_locked(connection: Any, configured: str | None) -> UsersTable:
-    """Create what is missing, holding the lock (PostgreSQL); return the users table chosen."""
-    _require_utf8(connection)
-    metadata = MetaData()
-    name, exists = _choose_users_table(connection, configured)
-    if exists:
-        _require_text_ids(connection, name)
-        owned = _is_owned(connection, name)
-        users = (
-            owned_users_table(name, metadata) if owned else Table(name, metadata, Column("id", Text, primary_key=True))
-        )
-    else:
-        users = owned_users_table(name, metadata)
-        owned = True
-        _create_ignoring_race(connection, users)
-    _create_ignoring_race(connection, tasks_table_for(name, metadata))
-    log.debug("users table: %s (%s)", name, "owned by this service" if owned else "owned by the auth provider")
-    return UsersTable(users, owned, register_user(users, connection.dialect.name))
-
-
-def _choose_users_table(connection: Any, configured: str | None) -> tuple[str, bool]:
-    """Pick the users table: USERS_TABLE, else an existing users, else user, else a new users.
-
-    Returns its name and whether it already exists.
-    """
-    inspector = inspect(connection)
-    if configured:
-        if not inspector.has_table(configured):
-            raise ConfigError(f"USERS_TABLE names the table {configured!r}, which does not exist.")
-        return configured, True
-    for candidate in ("users", "user"):
-        if inspector.has_table(candidate):
-            return candidate, True
-    return "users", False
-
-
-def _is_owned(connection: Any, name: str) -> bool:
-    """Whether an existing users table is one this service created."""
-    checks = inspect(connection).get_check_constraints(name)
-    return any(check.get("name") == OWNED_USERS_MARKER for check in checks)
-
-
-def _require_utf8(connection: Any) -> None:
-    """Refuse a PostgreSQL database that cannot store every Unicode title (SQL_ASCII, LATIN1, ...)."""
-    if connection.dialect.name != "postgresql":
-        return  # SQLite stores text as UTF-8
-    encoding = connection.execute(text("SHOW server_encoding")).scalar()
-    if encoding != "UTF8":
-        raise ConfigError(
-            f"The database in DATABASE_URL uses the {encoding} encoding, which cannot store every "
-            f"title: create it with ENCODING 'UTF8' (TEMPLATE template0) and point DATABASE_URL at it."
-        )
-
-
-def _require_text_ids(connection: Any, users_table: str) -> None:
-    """Refuse a users table whose ids are not text: tasks.user_id holds the token's sub, a string."""
-    columns = {column["name"]: column["type"] for column in inspect(connection).get_columns(users_table)}
-    id_type = columns.get("id")
-    if id_type is None:
-        raise ConfigError(
-            f"The users table {users_table!r} has no id column: set USERS_TABLE to the table that holds the accounts."
-        )
-    if not isinstance(id_type, String):
-        raise ConfigError(
-            f"The users table {users_table!r} has ids of type {id_type}, but this service stores user "
-            f"ids as text: use text ids (Better Auth's default) or set USERS_TABLE to another table."
-        )
-
-
-def _create_ignoring_race(connection: Any, table: Table) -> None:
-    """Create a table and its indexes unless present; a concurrent creator (SQLite) is no error."""
+def upgrade_schema(settings: Mapping[str, Any], to: str = "heads") -> UsersRef:
+    """Run the migrations to `to` (the code's head), over the migration engine, under the schema lock."""
+    engine = migration_engine(settings)
     try:
-        table.create(connection, checkfirst=True)
-    except exc.OperationalError as error:
-        # SQLite has no advisory lock; the loser of a creation race sees "already exists".
-        if "already exists" not in str(error.orig):
-            raise
+        return migrations.upgrade(engine, settings["USERS_TABLE"], jwks=bool(settings["JWKS_URL"]), to=to)
+    finally:
+        engine.dispose()
 
 
 class SchemaState:
-    """Creates the schema once per process, and again on demand if the database was down at start."""
+    """The schema as this process knows it: migrated to the code's head (MIGRATE_ON_START) or found there.
 
-    def __init__(self, engine: Engine, users_table: str | None) -> None:
+    Done once per process, and again on demand if the database was down at start (the first request
+    tries). Behind the code's head (MIGRATE_ON_START off, the release's migrations not run yet), task
+    requests are refused (503) rather than answered with errors, and the revision is read again at most
+    every SCHEMA_RECHECK_SECONDS.
+    """
+
+    def __init__(self, engine: Engine, settings: Mapping[str, Any]) -> None:
         self._engine = engine
-        self._configured = users_table
+        self._settings = settings
         self._lock = threading.Lock()
         self.users: UsersTable | None = None
         self._attempts = 0
         self._failure: Exception | None = None
+        self._not_ready: tuple[float, migrations.SchemaNotReady] | None = None
 
     def ensure(self) -> UsersTable:
-        """Return the users table, creating the schema first if that has not succeeded yet."""
+        """Return the users table, migrating (or checking) the schema first if that has not succeeded yet."""
         users = self.users
         if users is not None:
             return users
@@ -464,11 +420,33 @@ class SchemaState:
             if self.users is None:
                 if self._attempts != attempt and self._failure is not None:
                     raise self._failure  # it failed while we waited: 503 now, not after one more timeout
+                if self._not_ready and time.monotonic() < self._not_ready[0]:
+                    raise self._not_ready[1]
                 self._attempts += 1
                 try:
-                    self.users = create_schema(self._engine, self._configured)
-                    self._failure = None
+                    self.users = self._prepare()
+                    self._failure = self._not_ready = None
+                except migrations.SchemaNotReady as error:
+                    self._not_ready = (time.monotonic() + SCHEMA_RECHECK_SECONDS, error)
+                    raise
                 except exc.OperationalError as error:
                     self._failure = error
                     raise
             return self.users
+
+    def _prepare(self) -> UsersTable:
+        """Migrate (or check) the schema; the users table as the views use it."""
+        settings = self._settings
+        # Within the app's own deadlines first: a database that is down answers 503s now, not after the
+        # migrations' long wait (the release command, `flask --app app db upgrade`, waits it out).
+        with self._engine.connect() as connection:
+            connection.exec_driver_sql("SELECT 1")
+        if settings["MIGRATE_ON_START"]:
+            ref = upgrade_schema(settings)
+            # A connection opened before the migration may keep the old schema in memory (SQLite's pragmas
+            # do): the pool starts afresh.
+            self._engine.dispose()
+        else:
+            ref = migrations.verify(self._engine, settings["USERS_TABLE"], jwks=bool(settings["JWKS_URL"]))
+        table = users_table(ref, MetaData())
+        return UsersTable(ref, table, register_user(table, self._engine.dialect.name))

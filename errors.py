@@ -27,6 +27,18 @@ class ConfigError(RuntimeError):
     """A setting that cannot work: the service refuses to start, with one sentence that names it and the fix."""
 
 
+class SchemaNotReady(Exception):
+    """The database's schema is behind this release's: its migrations have not run yet (a 503: they will)."""
+
+    def __init__(self, current: str | None, head: str) -> None:
+        super().__init__(
+            f"The database schema is at revision {current or 'none'} and this release needs {head}: "
+            f"run the migrations (flask --app app db upgrade), or start with MIGRATE_ON_START on."
+        )
+        self.current = current
+        self.head = head
+
+
 MISCONFIGURED = "The service is misconfigured and cannot use its database; its operators can see why in its log."
 
 # libpq's words for connection failures that only a change of configuration can fix (a failed connection
@@ -38,10 +50,18 @@ _CONFIGURATION_FAILURES = tuple(
             "password authentication failed",
             "The database refused the password: set the right one in DATABASE_URL (percent-encoded).",
         ),
-        ('role "[^"]*" does not exist', "The database server has no such user: fix the user name in DATABASE_URL."),
         (
-            'database "[^"]*" does not exist',
+            'role "[^"]*" does not exist|no such user',
+            "The database server has no such user: fix the user name in DATABASE_URL.",
+        ),
+        (
+            'database "[^"]*" does not exist|no such database',
             "The database named in DATABASE_URL does not exist: create it, or fix its name in DATABASE_URL.",
+        ),
+        # Other refusals of a login (PgBouncer's "trust" or SASL ones, an unknown user behind a pooler).
+        (
+            "authentication failed",
+            "The database refused the user or password in DATABASE_URL: fix them (percent-encoded).",
         ),
         (
             "no pg_hba.conf entry",
@@ -188,6 +208,14 @@ def register_error_handlers(app: Flask) -> None:
         """A setting that cannot work, found while serving: the operator is told; retrying cannot help."""
         log.error("configuration error: %s", error)
         return error_response(500, MISCONFIGURED)
+
+    @app.errorhandler(SchemaNotReady)
+    def handle_schema_not_ready(error: SchemaNotReady) -> Response:
+        """A release whose migrations have not run yet: no task request is served on a schema it does not know."""
+        log.warning("schema not ready: %s", error)
+        return error_response(
+            503, "The service is being upgraded; please try again shortly.", headers={"Retry-After": "5"}
+        )
 
     @app.errorhandler(sa_exc.DBAPIError)
     @app.errorhandler(sa_exc.TimeoutError)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -33,6 +34,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.types import TypeEngine
 
 TITLE_MAX = 200
 DESCRIPTION_MAX = 1000
@@ -107,6 +109,7 @@ def task_json(row: Row[Any]) -> dict[str, Any]:
     task = {name: getattr(row, name) for name in TASK_FIELDS}
     for name in _TIMESTAMPS:
         task[name] = iso_utc(task[name])
+    task["user_id"] = str(task["user_id"])  # a text id already, or a uuid or an integer (the users table's)
     return task
 
 
@@ -227,6 +230,24 @@ def list_tasks(filtered: bool, sort: str, descending: bool, paged: bool, offset:
 # --- the users table --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class UsersRef:
+    """The users table tasks reference: where it is, whether this service owns it, the type of its ids."""
+
+    name: str
+    schema: str | None
+    owned: bool
+    id_type: TypeEngine[Any]
+
+    @property
+    def qualified(self) -> str:
+        """schema.name, or the name alone in the default schema (for log lines and sentences)."""
+        return f"{self.schema}.{self.name}" if self.schema else self.name
+
+
+TEXT_IDS = Text()
+
+
 def owned_users_table(name: str, metadata: MetaData) -> Table:
     """The users table this service creates when no auth-owned one exists."""
     return Table(
@@ -241,16 +262,23 @@ def owned_users_table(name: str, metadata: MetaData) -> Table:
     )
 
 
-def tasks_table_for(users_table: str, metadata: MetaData) -> Table:
-    """A copy of the tasks table whose user_id references the chosen users table."""
-    if users_table not in metadata.tables:
-        # Only the key matters for the foreign key's DDL; this stand-in is never created.
-        Table(users_table, metadata, Column("id", Text, primary_key=True))
+def users_table(users: UsersRef, metadata: MetaData) -> Table:
+    """The users table as this service sees it: all of its own; of an auth-owned one, only the id."""
+    if users.owned:
+        return owned_users_table(users.name, metadata)
+    return Table(users.name, metadata, Column("id", users.id_type, primary_key=True), schema=users.schema)
+
+
+def schema_metadata(users: UsersRef) -> MetaData:
+    """The schema the migrations must produce, with tasks.user_id referencing (and typed as) users.id."""
+    metadata = MetaData()
+    referenced = users_table(users, metadata)
     tasks = TASKS.to_metadata(metadata)
+    tasks.c.user_id.type = users.id_type
     tasks.append_constraint(
-        ForeignKeyConstraint(["user_id"], [f"{users_table}.id"], ondelete="CASCADE", name="fk_tasks_user_id")
+        ForeignKeyConstraint(["user_id"], [referenced.c.id], ondelete="CASCADE", name="fk_tasks_user_id")
     )
-    return tasks
+    return metadata
 
 
 def register_user(users: Table, dialect: str) -> Any:

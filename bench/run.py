@@ -824,7 +824,7 @@ class Bench:
         started = time.monotonic()
         users, rows = args.scale_users, args.scale_rows
         self.db.query(
-            "INSERT INTO users (id, email, name, created_at) "
+            "INSERT INTO tasks_api_users (id, email, name, created_at) "
             "SELECT 'bulk-' || g, 'bulk-' || g || '@example.com', NULL, now() "
             "FROM generate_series(1, %s) g",
             (users,),

@@ -175,7 +175,7 @@ def test_the_image_gets_every_file_the_service_needs_and_no_test_or_secret() -> 
 
     # The modules app.py and gunicorn.conf.py import, transitively, and the files they open next to
     # themselves (Path(__file__).with_name("x") or Path(__file__).parent / "x").
-    local = {path.stem for path in REPO.glob("*.py")}
+    local = {path.stem for path in REPO.glob("*.py")} | {path.parent.name for path in REPO.glob("*/__init__.py")}
     needed = {"app.py", "gunicorn.conf.py"}
     queue = [REPO / "app.py", REPO / "gunicorn.conf.py"]
     while queue:
@@ -189,9 +189,10 @@ def test_the_image_gets_every_file_the_service_needs_and_no_test_or_secret() -> 
             )
             for module in modules:
                 top = module.split(".")[0]
-                if top in local and f"{top}.py" not in needed:
-                    needed.add(f"{top}.py")
-                    queue.append(REPO / f"{top}.py")
+                module_file = f"{top}.py" if (REPO / f"{top}.py").exists() else top  # a module, or a package
+                if top in local and module_file not in needed and top != "tests":
+                    needed.add(module_file)
+                    queue += [REPO / module_file] if module_file.endswith(".py") else list((REPO / top).rglob("*.py"))
             if (
                 isinstance(node, ast.Call)
                 and isinstance(node.func, ast.Attribute)
@@ -209,7 +210,7 @@ def test_the_image_gets_every_file_the_service_needs_and_no_test_or_secret() -> 
                 and isinstance(node.right.value, str)
             ):
                 needed.add(node.right.value)
-    assert {"auth.py", "errors.py", "models.py", "validation.py", "server.py"} <= needed
+    assert {"auth.py", "errors.py", "models.py", "validation.py", "server.py", "db.py", "migrations"} <= needed
     missing = sorted(name for name in needed if not shipped(name))
     assert not missing, f"not copied into the image: {missing}"
     assert shipped("requirements.txt")

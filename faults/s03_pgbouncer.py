@@ -22,10 +22,6 @@ SUITE_TIMEOUT = 300
 
 
 def run_suite(scenario: Scenario, port: int) -> tuple[str, bool]:
-    tests = sorted(str(path) for path in ROOT.glob("test_*.py"))
-    if not tests:
-        scenario.check(False, f"no unit tests (test_*.py) in {ROOT}")
-        return "none", False
     env = dict(os.environ)
     for name in ("DATABASE_URL", "BETTER_AUTH_SECRET"):
         env.pop(name, None)
@@ -35,7 +31,7 @@ def run_suite(scenario: Scenario, port: int) -> tuple[str, bool]:
     with open(log_path, "wb") as log:
         try:
             completed = subprocess.run(
-                [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider"],  # the whole suite (pyproject's testpaths)
                 cwd=ROOT,
                 env=env,
                 stdout=log,

@@ -41,7 +41,9 @@ END $$;
 CREATE EVENT TRIGGER faults_ddl_end ON ddl_command_end EXECUTE FUNCTION faults_log_ddl();
 """
 EXPECTED_DDL = {
+    ("CREATE TABLE", "public.tasks_api_alembic_version"): 1,
     ("CREATE TABLE", "public.users"): 1,
+    ("ALTER TABLE", "public.tasks_api_users"): 1,  # revision 0003 renames the service's own users table
     ("CREATE TABLE", "public.tasks"): 1,
     ("CREATE INDEX", "public.ix_tasks_user_created"): 1,
     ("CREATE INDEX", "public.ix_tasks_user_updated"): 1,
@@ -168,7 +170,7 @@ def cold_start(scenario: Scenario, label: str, via_pgbouncer: bool) -> dict[str,
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'faults_ddl'"
         )
     }
-    if tables != {"users", "tasks"}:
+    if tables != {"tasks_api_users", "tasks", "tasks_api_alembic_version"}:
         problems.append(f"tables {sorted(tables)}")
     if error_lines:
         problems.append(f"{len(error_lines)} error lines in the logs, first: {error_lines[0][:300]}")

@@ -60,7 +60,7 @@ class Target:
 
     def snapshot(self) -> list[tuple[Any, ...]]:
         return self.database.query("SELECT * FROM tasks ORDER BY id") + self.database.query(
-            "SELECT id FROM users ORDER BY id"
+            "SELECT id FROM tasks_api_users ORDER BY id"
         )
 
     def attack(

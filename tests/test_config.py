@@ -209,7 +209,7 @@ def test_startup_mistakes_are_one_sentence_and_a_failed_exit(
     database = tmp_path / "tasks.db"
     if setting == "USERS_TABLE":
         with sqlite3.connect(database) as connection:  # a users table the service cannot reference
-            connection.execute('CREATE TABLE "user" (id INTEGER PRIMARY KEY, name TEXT)')
+            connection.execute('CREATE TABLE "user" (id BLOB PRIMARY KEY, name TEXT)')
     environment = {"BETTER_AUTH_SECRET": SECRET, "DATABASE_URL": f"sqlite:///{database}", setting: value}
     result = run_entry_point(ENTRY_POINTS[entry], environment, tmp_path)
     assert result.returncode != 0 and result.stdout == ""
