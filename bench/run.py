@@ -674,7 +674,7 @@ class Bench:
                     kinds: dict[str, int] = {}
                     for statement in statements:
                         kinds[classify(statement)] = kinds.get(classify(statement), 0) + 1
-                    exempt = kinds.get("INSERT users", 0)  # a user's first write in a worker registers them
+                    exempt = kinds.get("INSERT tasks_api_users", 0)  # a user's first write in a worker registers them
                     counts[scenario][kind] = {
                         "requests": total,
                         "status_codes": codes,

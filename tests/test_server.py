@@ -246,3 +246,10 @@ def test_gunicorns_answers_are_json_with_a_sentence_and_never_the_clients_bytes(
         assert f"Content-Length: {len(body)}".encode() in head
         detail = json.loads(body)["detail"]
         assert detail and detail[0].isupper()
+
+
+def test_the_worker_buffers_bodies_up_to_the_apps_own_limit() -> None:
+    import validation
+
+    assert server.BODY_LIMIT == validation.BODY_LIMIT
+    assert "validation" not in server.__dict__  # gunicorn.conf.py loads this module without the service
