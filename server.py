@@ -26,7 +26,6 @@ from gunicorn.config import Config
 from gunicorn.http.unreader import SocketUnreader
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
-
 # The app's body limit (validation.BODY_LIMIT, which a test ties this to): gunicorn.conf.py imports this
 # module in every master, the benchmark's raw floor app's too, which must not load the service for it.
 BODY_LIMIT = 64 * 1024
