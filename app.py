@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
+import json
 import logging
 import os
 import re
@@ -35,14 +37,19 @@ from errors import (
     ApiError,
     ConfigError,
     SchemaNotReady,
+    ValidationError,
     classify_database_error,
     error_response,
+    field_error,
     register_error_handlers,
 )
 from models import task_json
 from validation import (
     BODY_LIMIT,
     completed_field,
+    idempotency_key,
+    if_match_versions,
+    if_none_match,
     is_storable_text,
     list_query,
     parse_task_id,
@@ -209,8 +216,16 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app,
         origins=app.config["CORS_ORIGINS"].split(","),
         methods=API_METHODS,
-        allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-        expose_headers=["Location", "X-Total-Count", "X-Request-ID", "Retry-After", "WWW-Authenticate"],
+        allow_headers=["Authorization", "Content-Type", "X-Request-ID", "Idempotency-Key", "If-Match", "If-None-Match"],
+        expose_headers=[
+            "Location",
+            "X-Total-Count",
+            "X-Request-ID",
+            "Retry-After",
+            "WWW-Authenticate",
+            "ETag",
+            "Idempotent-Replayed",
+        ],
         # For frontends whose fetch sends credentials: 'include'. The API reads no cookie (only the
         # Bearer token), and the origins are an exact list, so this lets nothing new in.
         supports_credentials=True,
@@ -303,7 +318,7 @@ def _start_request() -> None:
 def _finish_request(response: Response) -> Response:
     """Security headers, the request id, and one log line per request (never the token)."""
     headers = response.headers
-    if response.status_code == 204:
+    if response.status_code in (204, 304):
         del headers["Content-Type"]  # no body, so no type
     headers["X-Request-ID"] = _request_id.get()
     headers["X-Content-Type-Options"] = "nosniff"
@@ -399,31 +414,48 @@ def list_tasks(user_id: str) -> Response:
 @api.post("/tasks")
 @require_owner
 def create_task(user_id: str) -> tuple[Response, int, dict[str, str]]:
-    """Create a task for the user."""
+    """Create a task for the user; with an Idempotency-Key, a retry answers the task it created."""
     fields = task_fields(read_json_object(request, required=True), partial=False)
-    task = _insert_task(user_id, fields)
-    return jsonify(task_json(task)), 201, {"Location": url_for("api.get_task", user_id=user_id, task_id=task.id)}
+    key = idempotency_key(request.headers.get("Idempotency-Key"))
+    fingerprint = _fingerprint(fields) if key is not None else None
+    task = _insert_task(user_id, fields, key, fingerprint)
+    headers = {"Location": url_for("api.get_task", user_id=user_id, task_id=task.id), "ETag": _etag(task)}
+    if not task.inserted:
+        if task.idempotency_fingerprint != fingerprint:
+            raise ValidationError(
+                [
+                    field_error(
+                        "Idempotency-Key",
+                        "This Idempotency-Key was already used for a different task: send a new key with a new task.",
+                        "idempotency_key_reused",
+                    )
+                ]
+            )
+        headers["Idempotent-Replayed"] = "true"
+    return jsonify(task_json(task)), 201, headers
 
 
 @api.get("/tasks/<task_id>")
 @require_owner
 def get_task(user_id: str, task_id: str) -> Response:
-    """Return one of the user's tasks."""
-    rows = db.run(models.GET_TASK, {"task_id": _task_number(task_id), "owner": user_id})
-    return jsonify(task_json(_found(rows)))
+    """Return one of the user's tasks; 304 when the client's If-None-Match names its ETag."""
+    task = _found(db.run(models.GET_TASK, {"task_id": _task_number(task_id), "owner": user_id}))
+    if if_none_match(request.headers.get("If-None-Match"), task.version):
+        return current_app.response_class(status=304, headers={"ETag": _etag(task)})
+    return _with_etag(jsonify(task_json(task)), task)
 
 
 @api.route("/tasks/<task_id>", methods=["PUT", "PATCH"])
 @require_owner
 def update_task(user_id: str, task_id: str) -> Response:
-    """Change any non-empty subset of the writable fields."""
+    """Change any non-empty subset of the writable fields (only at the If-Match version, if one is sent)."""
     task_number = _task_number(task_id)
     fields = task_fields(read_json_object(request, required=True), partial=True)
-    rows = db.run(
-        models.update_task(tuple(sorted(fields))),
-        {"task_id": task_number, "owner": user_id, **{f"v_{name}": value for name, value in fields.items()}},
+    values = {f"v_{name}": value for name, value in fields.items()}
+    task = _change(
+        lambda conditional: models.update_task(tuple(sorted(fields)), conditional), task_number, user_id, values
     )
-    return jsonify(task_json(_found(rows)))
+    return _with_etag(jsonify(task_json(task)), task)
 
 
 @api.patch("/tasks/<task_id>/complete")
@@ -432,17 +464,57 @@ def toggle_task(user_id: str, task_id: str) -> Response:
     """Flip completed, or set it to the body's {"completed": bool} so a retry is harmless."""
     task_number = _task_number(task_id)
     completed = completed_field(read_json_object(request, required=False))
-    statement = models.FLIP_TASK if completed is None else models.update_task(("completed",))
-    rows = db.run(statement, {"task_id": task_number, "owner": user_id, "v_completed": completed})
-    return jsonify(task_json(_found(rows)))
+    fields = None if completed is None else ("completed",)
+    task = _change(
+        lambda conditional: models.update_task(fields, conditional), task_number, user_id, {"v_completed": completed}
+    )
+    return _with_etag(jsonify(task_json(task)), task)
 
 
 @api.delete("/tasks/<task_id>")
 @require_owner
 def delete_task(user_id: str, task_id: str) -> tuple[str, int]:
-    """Delete one of the user's tasks."""
-    _found(db.run(models.DELETE_TASK, {"task_id": _task_number(task_id), "owner": user_id}))
+    """Delete one of the user's tasks (only at the If-Match version, if one is sent)."""
+    _change(models.delete_task, _task_number(task_id), user_id, {})
     return "", 204
+
+
+def _change(statement: Callable[[bool], Any], task_id: int, user_id: str, values: Mapping[str, Any]) -> Row[Any]:
+    """Run a change of one task, conditional on If-Match when the request sends one: one statement.
+
+    Only when it changed nothing does a second statement tell a 412 (the task is there, at another
+    version; its ETag goes with the answer) from a 404. The task is looked for among the user's own
+    only, so If-Match never reveals that another user's task exists.
+    """
+    versions = if_match_versions(request.headers.get("If-Match"))
+    params = {"task_id": task_id, "owner": user_id, "versions": versions or [], **values}
+    rows = db.run(statement(versions is not None), params)
+    if rows:
+        return rows[0]
+    if versions is not None:
+        current = db.run(models.GET_TASK, params)
+        if current:
+            raise ApiError(
+                412, "This task was changed elsewhere; reload it and try again.", headers={"ETag": _etag(current[0])}
+            )
+    raise _task_not_found()
+
+
+def _etag(task: Row[Any]) -> str:
+    """The task's strong ETag: its version, which every change increments."""
+    return f'"{task.version}"'
+
+
+def _with_etag(response: Response, task: Row[Any]) -> Response:
+    """A response that carries one task, with its ETag."""
+    response.headers["ETag"] = _etag(task)
+    return response
+
+
+def _fingerprint(fields: Mapping[str, Any]) -> str:
+    """What identifies a create's body: the SHA-256 of its validated fields (a replay must match it)."""
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _task_number(raw: str) -> int:
@@ -465,16 +537,23 @@ def _task_not_found() -> ApiError:
     return ApiError(404, "Task not found.")
 
 
-def _insert_task(user_id: str, fields: Mapping[str, Any]) -> Row[Any]:
-    """Insert the task; register the user first when this service owns the users table."""
+def _insert_task(user_id: str, fields: Mapping[str, Any], key: str | None, fingerprint: str | None) -> Row[Any]:
+    """Insert the task (or find the one its key created); register the user first when this service owns
+    the users table."""
     max_tasks = current_app.config["MAX_TASKS_PER_USER"]
-    params = {"owner": user_id, "max_tasks": max_tasks, **{f"v_{name}": value for name, value in fields.items()}}
+    params = {
+        "owner": user_id,
+        "max_tasks": max_tasks,
+        "idempotency_key": key,
+        "idempotency_fingerprint": fingerprint,
+        **{f"v_{name}": value for name, value in fields.items()},
+    }
     users = db.users()
     for attempt in (1, 2):
         if users.owned:
             db.register(user_id, _claim_text(g.claims.get("email")), _claim_text(g.claims.get("name")))
         try:
-            rows = db.run(models.INSERT_TASK, params)
+            rows = db.run(db.current().insert_task, params)
         except sa_exc.IntegrityError as error:
             if not db.is_foreign_key_violation(error):
                 raise

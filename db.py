@@ -32,7 +32,7 @@ from sqlalchemy.pool import NullPool
 
 import migrations
 from errors import ConfigError, SchemaNotReady, classify_database_error
-from models import UsersRef, register_user, users_table
+from models import UsersRef, insert_task, register_user, users_table
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class Database:
 
     engine: Engine
     schema: SchemaState
+    # The create's statement, in its database's dialect (its ON CONFLICT is written per dialect).
+    insert_task: Executable
     known_users: set[str] = field(default_factory=set)
 
 
@@ -61,7 +63,7 @@ def init_app(app: Flask) -> Database:
     sentence.
     """
     engine = make_engine(normalise_database_url(app.config["DATABASE_URL"]), app.config)
-    database = Database(engine, SchemaState(engine, app.config))
+    database = Database(engine, SchemaState(engine, app.config), insert_task(engine.dialect.name))
     app.extensions["db"] = database
     app.extensions["user_id_acceptable"] = user_id_acceptable
     app.teardown_appcontext(_remove_session)

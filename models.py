@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -24,8 +25,9 @@ from sqlalchemy import (
     TypeDecorator,
     bindparam,
     delete,
+    exists,
     func,
-    insert,
+    literal_column,
     select,
     update,
 )
@@ -38,6 +40,7 @@ from sqlalchemy.types import TypeEngine
 
 TITLE_MAX = 200
 DESCRIPTION_MAX = 1000
+IDEMPOTENCY_KEY_MAX = 255
 # Marks a users table that this service created and may therefore write to; an auth-owned table
 # (Better Auth's) never carries it. A check constraint, because both PostgreSQL and SQLite reflect it.
 OWNED_USERS_MARKER = "ck_tasks_api_users_id_not_empty"
@@ -79,6 +82,8 @@ class Task(Base):
         Index("ix_tasks_user_created", "user_id", "created_at", "id"),
         Index("ix_tasks_user_updated", "user_id", "updated_at", "id"),
         Index("ix_tasks_user_title", "user_id", "title", "id"),
+        # One task per user and Idempotency-Key (NULL keys never collide): a create's ON CONFLICT target.
+        Index("ux_tasks_user_idempotency_key", "user_id", "idempotency_key", unique=True),
         # Ids are never reused: without AUTOINCREMENT, SQLite hands the id of the newest deleted task
         # to the next one, and a retried DELETE of the old id would delete the new task.
         {"sqlite_autoincrement": True},
@@ -93,11 +98,16 @@ class Task(Base):
     completed: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default="false")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    # 1 at creation, one more at every change: the task's ETag.
+    version: Mapped[int] = mapped_column(Integer, nullable=False, server_default="1")
+    # The Idempotency-Key the task was created with, and a fingerprint of the fields it was created from.
+    idempotency_key: Mapped[str | None] = mapped_column(String(IDEMPOTENCY_KEY_MAX), nullable=True)
+    idempotency_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 TASKS = cast(Table, Task.__table__)
 # A task as the API returns it: these columns, under these names, in this order.
-TASK_FIELDS = ("id", "user_id", "title", "description", "completed", "created_at", "updated_at")
+TASK_FIELDS = ("id", "user_id", "title", "description", "completed", "created_at", "updated_at", "version")
 TASK_COLUMNS = tuple(TASKS.c[name] for name in TASK_FIELDS)
 # The fields a client may set, and what a create stores for those it leaves out.
 WRITABLE_DEFAULTS: dict[str, Any] = {"title": None, "description": None, "completed": False}
@@ -160,43 +170,74 @@ def _written_at_elsewhere(element: WrittenAt, compiler: SQLCompiler, **kw: Any) 
 # The WHERE clause for one task of one user: the second lock behind require_owner.
 _OWNED = (TASKS.c.id == bindparam("task_id")) & (TASKS.c.user_id == bindparam("owner"))
 GET_TASK = select(*TASK_COLUMNS).where(_OWNED)
-DELETE_TASK = delete(TASKS).where(_OWNED).returning(TASKS.c.id)
-FLIP_TASK = (
-    update(TASKS)
-    .where(_OWNED)
-    .values(completed=~TASKS.c.completed, updated_at=WrittenAt(for_update=True))
-    .returning(*TASK_COLUMNS)
-)
 SORT_COLUMNS = {"created": TASKS.c.created_at, "updated": TASKS.c.updated_at, "title": TASKS.c.title}
 
 
-def _insert_task() -> Any:
-    """INSERT ... RETURNING of a new task, unless its user already has max_tasks: then no row comes back.
-
-    Every writable field is bound (v_<field>), so a new field changes no view. The count is a subquery
-    of the same statement (one round trip); creates running at the same time may each see room for one
-    more, so a user can overshoot by at most that many.
-    """
-    tasks_of_owner = select(func.count()).select_from(TASKS).where(TASKS.c.user_id == bindparam("owner"))
-    now = WrittenAt(for_update=False)
-    values = {
-        "user_id": bindparam("owner", type_=TASKS.c.user_id.type),
-        **{name: bindparam(f"v_{name}", type_=TASKS.c[name].type) for name in WRITABLE_DEFAULTS},
-        "created_at": now,
-        "updated_at": now,
-    }
-    new_row = select(*values.values()).where(tasks_of_owner.scalar_subquery() < bindparam("max_tasks"))
-    return insert(TASKS).from_select(list(values), new_row).returning(*TASK_COLUMNS)
-
-
-INSERT_TASK = _insert_task()
+def _matching(conditional: bool) -> ColumnElement[bool]:
+    """The user's task; with If-Match (conditional), only at one of the versions the request names."""
+    return _OWNED & TASKS.c.version.in_(bindparam("versions", expanding=True)) if conditional else _OWNED
 
 
 @functools.cache
-def update_task(fields: tuple[str, ...]) -> Any:
-    """UPDATE ... RETURNING of the user's task, setting the given fields (v_<field>)."""
-    values: dict[str, Any] = {name: bindparam(f"v_{name}") for name in fields}
-    return update(TASKS).where(_OWNED).values(**values, updated_at=WrittenAt(for_update=True)).returning(*TASK_COLUMNS)
+def insert_task(dialect: str) -> Any:
+    """INSERT ... RETURNING of a new task, or of the task its Idempotency-Key created before.
+
+    One statement either way. Every writable field is bound (v_<field>), so a new field changes no view.
+    ON CONFLICT on (user_id, idempotency_key) returns the existing task instead of a second one
+    (concurrent requests with one key included: the unique index makes them wait for the first), and
+    `inserted` tells the two apart. No row comes back
+    when the user already has max_tasks (and no task has this key): the count is a subquery of the same
+    statement, so creates running at the same time may each see room for one more, and a user can
+    overshoot by at most that many. A key that is NULL never conflicts.
+    """
+    # Only the dialect in use is imported: each dialect's package is memory in every worker.
+    dialect_insert = importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert
+    owner = bindparam("owner", type_=TASKS.c.user_id.type)
+    key = bindparam("idempotency_key", type_=TASKS.c.idempotency_key.type)
+    now = WrittenAt(for_update=False)
+    values = {
+        "user_id": owner,
+        **{name: bindparam(f"v_{name}", type_=TASKS.c[name].type) for name in WRITABLE_DEFAULTS},
+        "created_at": now,
+        "updated_at": now,
+        "idempotency_key": key,
+        "idempotency_fingerprint": bindparam("idempotency_fingerprint", type_=TASKS.c.idempotency_fingerprint.type),
+    }
+    tasks_of_owner = select(func.count()).select_from(TASKS).where(TASKS.c.user_id == owner).scalar_subquery()
+    key_used = exists().where(TASKS.c.user_id == owner, TASKS.c.idempotency_key == key)
+    new_row = select(*values.values()).where((tasks_of_owner < bindparam("max_tasks")) | key_used)
+    statement = dialect_insert(TASKS).from_select(list(values), new_row)
+    statement = statement.on_conflict_do_update(
+        index_elements=["user_id", "idempotency_key"], set_={"idempotency_key": statement.excluded.idempotency_key}
+    )
+    # PostgreSQL: a row this statement inserted has no xmax; one its ON CONFLICT updated has (exact, even
+    # for two creates in one microsecond). SQLite has no xmax, and writes one at a time: a new row's
+    # created_at is this execution's own microsecond timestamp.
+    inserted = (literal_column("xmax") == 0 if dialect == "postgresql" else TASKS.c.created_at == now).label("inserted")
+    return statement.returning(*TASK_COLUMNS, TASKS.c.idempotency_fingerprint, inserted)
+
+
+@functools.cache
+def update_task(fields: tuple[str, ...] | None, conditional: bool) -> Any:
+    """UPDATE ... RETURNING of the user's task: the given fields (v_<field>), or a flip of completed (None).
+
+    Every change is one more version (the ETag); with If-Match, only a task at a version named changes.
+    """
+    values: dict[str, Any] = (
+        {"completed": ~TASKS.c.completed} if fields is None else {name: bindparam(f"v_{name}") for name in fields}
+    )
+    return (
+        update(TASKS)
+        .where(_matching(conditional))
+        .values(**values, version=TASKS.c.version + 1, updated_at=WrittenAt(for_update=True))
+        .returning(*TASK_COLUMNS)
+    )
+
+
+@functools.cache
+def delete_task(conditional: bool) -> Any:
+    """DELETE ... RETURNING of the user's task; with If-Match, only at a version named."""
+    return delete(TASKS).where(_matching(conditional)).returning(TASKS.c.id)
 
 
 def _listed(filtered: bool) -> ColumnElement[bool]:
@@ -289,11 +330,5 @@ def register_user(users: Table, dialect: str) -> Any:
         "name": bindparam("name"),
         "created_at": WrittenAt(for_update=False),
     }
-    # Imported here, for the dialect in use only: each dialect's package is memory in every worker.
-    if dialect == "postgresql":
-        from sqlalchemy.dialects import postgresql
-
-        return postgresql.insert(users).values(**values).on_conflict_do_nothing(index_elements=["id"])
-    from sqlalchemy.dialects import sqlite
-
-    return sqlite.insert(users).values(**values).on_conflict_do_nothing(index_elements=["id"])
+    dialect_insert = importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert  # only the one in use
+    return dialect_insert(users).values(**values).on_conflict_do_nothing(index_elements=["id"])

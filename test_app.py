@@ -36,7 +36,7 @@ def test_create_returns_task_with_location(as_user: Any) -> None:
     response = as_user("post", json={"title": "  Buy milk  ", "description": " 2 litres "})
     assert response.status_code == 201
     body = response.get_json()
-    assert set(body) == {"id", "user_id", "title", "description", "completed", "created_at", "updated_at"}
+    assert set(body) == {"id", "user_id", "title", "description", "completed", "created_at", "updated_at", "version"}
     assert body["title"] == "Buy milk" and body["description"] == "2 litres"
     assert body["user_id"] == ALICE and body["completed"] is False and isinstance(body["id"], int)
     assert body["created_at"].endswith("Z") and body["created_at"] == body["updated_at"]

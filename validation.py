@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, overload
@@ -10,7 +11,7 @@ from typing import Any, Literal, overload
 from flask import Request
 
 from errors import ApiError, ValidationError, field_error
-from models import DESCRIPTION_MAX, TITLE_MAX, WRITABLE_DEFAULTS
+from models import DESCRIPTION_MAX, IDEMPOTENCY_KEY_MAX, TITLE_MAX, WRITABLE_DEFAULTS
 
 MAX_TASK_ID = 2**31 - 1  # the tasks.id column is a 32-bit integer
 MAX_LIMIT = 1000
@@ -219,3 +220,49 @@ def list_query(args: Mapping[str, str]) -> ListQuery:
         limit=limit,
         offset=offset or 0,
     )
+
+
+# Printable ASCII (the IETF draft's Idempotency-Key is an sf-string), 1 to IDEMPOTENCY_KEY_MAX of it.
+_IDEMPOTENCY_KEY = re.compile(rf"[\x20-\x7e]{{1,{IDEMPOTENCY_KEY_MAX}}}")
+
+
+def idempotency_key(raw: str | None) -> str | None:
+    """A create's Idempotency-Key header: None without one; 1 to 255 printable ASCII characters, else a 422."""
+    if raw is None:
+        return None
+    if not _IDEMPOTENCY_KEY.fullmatch(raw):
+        raise ValidationError(
+            [
+                field_error(
+                    "Idempotency-Key",
+                    f"The Idempotency-Key header must be 1 to {IDEMPOTENCY_KEY_MAX} printable ASCII characters.",
+                    "string_pattern_mismatch",
+                )
+            ]
+        )
+    return raw
+
+
+# An entity-tag (RFC 9110 8.8.3): an optional W/ and a quoted string; this service's are versions.
+_ENTITY_TAG = re.compile(r'(W/)?"([^"]*)"')
+_VERSION = re.compile(r"[1-9][0-9]{0,9}")
+
+
+def _named_versions(raw: str, *, weak: bool) -> set[int]:
+    """The versions a list of entity-tags names; weak tags count only for the weak comparison."""
+    return {int(tag) for is_weak, tag in _ENTITY_TAG.findall(raw) if (weak or not is_weak) and _VERSION.fullmatch(tag)}
+
+
+def if_match_versions(raw: str | None) -> list[int] | None:
+    """The task versions an If-Match header names: None without one, or with * (any version will do).
+
+    Strong comparison (RFC 9110): a weak ETag, or one this service never sent, matches no version.
+    """
+    if raw is None or raw.strip() == "*":
+        return None
+    return sorted(_named_versions(raw, weak=False))
+
+
+def if_none_match(raw: str | None, version: int) -> bool:
+    """Whether an If-None-Match header names this version (weak comparison), or is *."""
+    return raw is not None and (raw.strip() == "*" or version in _named_versions(raw, weak=True))

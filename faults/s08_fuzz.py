@@ -40,7 +40,7 @@ EXAMPLES = int(os.environ.get("FAULTS_FUZZ_EXAMPLES", "10000"))
 ALICE, BOB = "fuzz-alice", "fuzz-bob"
 TITLE_MAX, DESCRIPTION_MAX, BODY_MAX = 200, 1000, 64 * 1024
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-TASK_KEYS = {"id", "user_id", "title", "description", "completed", "created_at", "updated_at"}
+TASK_KEYS = {"id", "user_id", "title", "description", "completed", "created_at", "updated_at", "version"}
 ALLOWED = {
     "collection": {"GET", "HEAD", "POST", "OPTIONS"},
     "item": {"GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"},

@@ -278,10 +278,13 @@ def test_each_request_is_one_statement(app: Any, as_user: Any, new_task: Any) ->
     def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         statements.append(statement)
 
-    def cost(method: str, path: str = "/tasks", **kwargs: Any) -> int:
+    def cost(method: str, path: str = "/tasks", expected: int | None = None, **kwargs: Any) -> int:
         statements.clear()
         response = as_user(method, path, **kwargs)
-        assert response.status_code < 300, response.get_json()
+        if expected is None:
+            assert response.status_code < 300, response.get_json()
+        else:
+            assert response.status_code == expected, response.get_json()
         return len(statements)
 
     task_id = new_task("measured")["id"]
@@ -294,6 +297,23 @@ def test_each_request_is_one_statement(app: Any, as_user: Any, new_task: Any) ->
     assert cost("patch", f"/tasks/{task_id}/complete", json={"completed": True}) == 1
     assert cost("delete", f"/tasks/{task_id}") == 1
     assert cost("get", "/tasks?status=pending&limit=5&offset=1") == 1
+    # Idempotency-Key and If-Match / If-None-Match keep success at one statement.
+    keyed: dict[str, Any] = {"json": {"title": "keyed"}, "headers": {"Idempotency-Key": "create-1"}}
+    assert cost("post", **keyed) == 1
+    assert cost("post", **keyed) == 1  # the replay
+    assert cost("post", json={"title": "other"}, headers={"Idempotency-Key": "create-1"}, expected=422) == 1
+    task = new_task("conditional")
+    path, current = f"/tasks/{task['id']}", {"If-Match": '"1"'}
+    assert cost("get", path, headers={"If-None-Match": '"1"'}, expected=304) == 1
+    assert cost("put", path, json={"title": "z"}, headers=current) == 1
+    assert cost("patch", f"{path}/complete", headers={"If-Match": '"2"'}) == 1
+    assert cost("patch", path, json={"title": "z"}, headers={"If-Match": "*"}) == 1
+    assert cost("delete", path, headers={"If-Match": '"4"'}) == 1
+    # Telling a 412 from a 404 costs a second statement, only when the conditional change matched nothing.
+    stale = new_task("stale")["id"]
+    as_user("put", f"/tasks/{stale}", json={"title": "newer"})
+    assert cost("put", f"/tasks/{stale}", json={"title": "older"}, headers=current, expected=412) == 2
+    assert cost("delete", f"/tasks/{task['id']}", headers=current, expected=404) == 2
     for _ in range(STREAMED_LIST_FROM + 1):
         new_task("many")
     assert cost("get") == 1  # a list long enough to be sent in pieces

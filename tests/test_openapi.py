@@ -407,6 +407,7 @@ def test_the_documents_limits_are_the_codes_constants() -> None:
         "/components/parameters/user_id/schema/maxLength": auth.MAX_USER_ID_LENGTH,
         "/components/parameters/limit/schema/maximum": validation.MAX_LIMIT,
         "/components/parameters/offset/schema/maximum": validation.MAX_OFFSET,
+        "/components/parameters/Idempotency-Key/schema/maxLength": models.IDEMPOTENCY_KEY_MAX,
     }
     # Every limit the document states is one of these: a new one must be tied to its constant here.
     assert dict(_limit_locations(load_spec())) == constants
@@ -440,9 +441,18 @@ def test_each_documented_422_is_the_live_answer_to_its_request(
 ) -> None:
     assert sent is not None, f"the example {name!r} does not say which request it answers (x-request)"
     url = path.format(user_id=ALICE, task_id=new_task()["id"])
-    if "query" in sent:
-        url += "?" + sent["query"]
-    headers = {**auth_headers(), **({"Content-Type": "application/json"} if "body" in sent else {})}
-    response = client.open(url, method=method.upper(), data=sent.get("body"), headers=headers)
+    if "before" in sent:  # the request that makes this one wrong (an Idempotency-Key's first use)
+        assert _send(client, method, url, sent["before"]).status_code < 300
+    response = _send(client, method, url, sent)
     assert response.status_code == 422
     assert response.get_json() == documented
+
+
+def _send(client: Any, method: str, url: str, sent: dict[str, Any]) -> Any:
+    """Send an example's request: its query, headers and body, as Alice."""
+    if "query" in sent:
+        url += "?" + sent["query"]
+    headers = {**auth_headers(), **sent.get("headers", {})}
+    if "body" in sent:
+        headers["Content-Type"] = "application/json"
+    return client.open(url, method=method.upper(), data=sent.get("body"), headers=headers)
