@@ -29,6 +29,10 @@ EXPECTED_STATUS = {
     "foreign_user": 403,
 }
 
+# Answers a keyed create is sent again after (none at all, or the gateway's or service's "try again").
+RETRYABLE = {0, 502, 503, 504}
+CREATE_RETRIES = 5
+
 DEFAULT_MIX = {
     "create": 30,
     "toggle": 15,
@@ -67,6 +71,8 @@ class LoadResult:
     deleted: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
     failed_titles: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # creates without a 201
     uncertain: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))  # deletes without an answer
+    create_retries: int = 0  # keyed creates sent again after an error (idempotent_creates)
+    replayed: int = 0  # of those, the ones answered with the task an earlier attempt had stored
 
     def statuses(self) -> Counter[int]:
         return Counter(record.status for record in self.records)
@@ -75,7 +81,9 @@ class LoadResult:
 class MixedLoad:
     """clients threads, each one user (users[i % len(users)]), each with its own keep-alive connection.
 
-    Bounded: stops at duration seconds, or max_requests per client, or when stop() is called.
+    Bounded: stops at duration seconds, or max_requests per client, or when stop() is called. With
+    idempotent_creates, each create carries an Idempotency-Key and is retried with it after an answer
+    that retrying can fix (none, 502, 503, 504), as a careful frontend does: each attempt is a record.
     """
 
     def __init__(
@@ -91,7 +99,9 @@ class MixedLoad:
         think: float = 0.0,
         keep_bodies: bool = False,
         seed: int = 1,
+        idempotent_creates: bool = False,
     ) -> None:
+        self.idempotent_creates = idempotent_creates
         self.port = port
         self.users = users
         self.clients = clients
@@ -208,7 +218,31 @@ class MixedLoad:
                 method, path, payload = "GET", f"/api/{other}/tasks", None
             else:  # a write into another user's list: 403, and the database check finds no such task
                 method, path, payload = "POST", f"/api/{other}/tasks", {"title": f"intruder-{user}"}
-        reply = client.request(method, path, token=bearer, json_body=payload)
+        headers = {"Idempotency-Key": str(uuid.uuid4())} if op == "create" and self.idempotent_creates else {}
+        reply = client.request(method, path, token=bearer, json_body=payload, headers=headers)
+        for attempt in range(1, CREATE_RETRIES + 1 if headers else 1):
+            if reply.status not in RETRYABLE:
+                break
+            self._record(op, user, method, path, reply, title, task_id)
+            time.sleep(0.2 * attempt)
+            reply = client.request(method, path, token=bearer, json_body=payload, headers=headers)
+            with self._lock:
+                self.result.create_retries += 1
+                self.result.replayed += reply.headers.get("idempotent-replayed") == "true"
+        self._record(op, user, method, path, reply, title, task_id, own)
+
+    def _record(
+        self,
+        op: str,
+        user: str,
+        method: str,
+        path: str,
+        reply: Reply,
+        title: str | None,
+        task_id: int | None,
+        own: list[int] | None = None,
+    ) -> None:
+        """Keep one request's record; own (the client's tasks) is None for an attempt that will be retried."""
         record = Record(
             op,
             user,
@@ -228,7 +262,7 @@ class MixedLoad:
             record.leak = (record.leak or "") + f" foreign task read answered {reply.status}"
         if op == "foreign_user" and reply.status not in (403, 0):
             record.leak = (record.leak or "") + f" other user's list answered {reply.status}"
-        if op == "create":
+        if op == "create" and own is not None:  # own is None for an attempt sent again: the last one counts
             if reply.status == 201:
                 created = reply.json()
                 record.task_id = created["id"]
