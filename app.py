@@ -48,7 +48,7 @@ from validation import (
     BODY_LIMIT,
     completed_field,
     idempotency_key,
-    if_match_versions,
+    if_match,
     if_none_match,
     is_storable_text,
     list_query,
@@ -420,17 +420,18 @@ def create_task(user_id: str) -> tuple[Response, int, dict[str, str]]:
     fingerprint = _fingerprint(fields) if key is not None else None
     task = _insert_task(user_id, fields, key, fingerprint)
     headers = {"Location": url_for("api.get_task", user_id=user_id, task_id=task.id), "ETag": _etag(task)}
+    # Compared whenever a key was sent, whatever `inserted` says: a replay must never answer a different task.
+    if key is not None and task.idempotency_fingerprint != fingerprint:
+        raise ValidationError(
+            [
+                field_error(
+                    "Idempotency-Key",
+                    "This Idempotency-Key was already used for a different task: send a new key with a new task.",
+                    "idempotency_key_reused",
+                )
+            ]
+        )
     if not task.inserted:
-        if task.idempotency_fingerprint != fingerprint:
-            raise ValidationError(
-                [
-                    field_error(
-                        "Idempotency-Key",
-                        "This Idempotency-Key was already used for a different task: send a new key with a new task.",
-                        "idempotency_key_reused",
-                    )
-                ]
-            )
         headers["Idempotent-Replayed"] = "true"
     return jsonify(task_json(task)), 201, headers
 
@@ -440,7 +441,11 @@ def create_task(user_id: str) -> tuple[Response, int, dict[str, str]]:
 def get_task(user_id: str, task_id: str) -> Response:
     """Return one of the user's tasks; 304 when the client's If-None-Match names its ETag."""
     task = _found(db.run(models.GET_TASK, {"task_id": _task_number(task_id), "owner": user_id}))
-    if if_none_match(request.headers.get("If-None-Match"), task.version):
+    match = if_match(request.headers.get("If-Match"))
+    if match is not None and not match.holds_for(task.version):
+        raise _changed_elsewhere(task)
+    none_match = if_none_match(request.headers.get("If-None-Match"))
+    if none_match is not None and none_match.holds_for(task.version):
         return current_app.response_class(status=304, headers={"ETag": _etag(task)})
     return _with_etag(jsonify(task_json(task)), task)
 
@@ -452,9 +457,7 @@ def update_task(user_id: str, task_id: str) -> Response:
     task_number = _task_number(task_id)
     fields = task_fields(read_json_object(request, required=True), partial=True)
     values = {f"v_{name}": value for name, value in fields.items()}
-    task = _change(
-        lambda conditional: models.update_task(tuple(sorted(fields)), conditional), task_number, user_id, values
-    )
+    task = _change(functools.partial(models.update_task, tuple(sorted(fields))), task_number, user_id, values)
     return _with_etag(jsonify(task_json(task)), task)
 
 
@@ -465,9 +468,7 @@ def toggle_task(user_id: str, task_id: str) -> Response:
     task_number = _task_number(task_id)
     completed = completed_field(read_json_object(request, required=False))
     fields = None if completed is None else ("completed",)
-    task = _change(
-        lambda conditional: models.update_task(fields, conditional), task_number, user_id, {"v_completed": completed}
-    )
+    task = _change(functools.partial(models.update_task, fields), task_number, user_id, {"v_completed": completed})
     return _with_etag(jsonify(task_json(task)), task)
 
 
@@ -479,25 +480,38 @@ def delete_task(user_id: str, task_id: str) -> tuple[str, int]:
     return "", 204
 
 
-def _change(statement: Callable[[bool], Any], task_id: int, user_id: str, values: Mapping[str, Any]) -> Row[Any]:
-    """Run a change of one task, conditional on If-Match when the request sends one: one statement.
+def _change(statement: Callable[[bool, bool], Any], task_id: int, user_id: str, values: Mapping[str, Any]) -> Row[Any]:
+    """Run a change of one task, on the conditions of the request's If-Match and If-None-Match: one statement.
 
-    Only when it changed nothing does a second statement tell a 412 (the task is there, at another
-    version; its ETag goes with the answer) from a 404. The task is looked for among the user's own
-    only, so If-Match never reveals that another user's task exists.
+    Only when it changed nothing does a second statement tell a 412 (the task is there, at a version
+    the conditions exclude; its ETag goes with the answer) from a 404. The task is looked for among the
+    user's own only, so a condition never reveals that another user's task exists.
     """
-    versions = if_match_versions(request.headers.get("If-Match"))
-    params = {"task_id": task_id, "owner": user_id, "versions": versions or [], **values}
-    rows = db.run(statement(versions is not None), params)
-    if rows:
-        return rows[0]
-    if versions is not None:
+    match = if_match(request.headers.get("If-Match"))
+    none_match = if_none_match(request.headers.get("If-None-Match"))
+    by_version = match is not None and not match.any_version
+    excluding = none_match is not None and not none_match.any_version
+    params = {
+        "task_id": task_id,
+        "owner": user_id,
+        "versions": sorted(match.versions) if match is not None else [],
+        "excluded": sorted(none_match.versions) if none_match is not None else [],
+        **values,
+    }
+    if none_match is None or not none_match.any_version:  # If-None-Match: * fails for any task that exists
+        rows = db.run(statement(by_version, excluding), params)
+        if rows:
+            return rows[0]
+    if by_version or none_match is not None:
         current = db.run(models.GET_TASK, params)
         if current:
-            raise ApiError(
-                412, "This task was changed elsewhere; reload it and try again.", headers={"ETag": _etag(current[0])}
-            )
+            raise _changed_elsewhere(current[0])
     raise _task_not_found()
+
+
+def _changed_elsewhere(task: Row[Any]) -> ApiError:
+    """The 412 of a request whose If-Match or If-None-Match the task's version fails, with its ETag."""
+    return ApiError(412, "This task was changed elsewhere; reload it and try again.", headers={"ETag": _etag(task)})
 
 
 def _etag(task: Row[Any]) -> str:

@@ -29,6 +29,7 @@ from sqlalchemy import (
     func,
     literal_column,
     select,
+    text,
     update,
 )
 from sqlalchemy.ext.compiler import compiles
@@ -82,8 +83,15 @@ class Task(Base):
         Index("ix_tasks_user_created", "user_id", "created_at", "id"),
         Index("ix_tasks_user_updated", "user_id", "updated_at", "id"),
         Index("ix_tasks_user_title", "user_id", "title", "id"),
-        # One task per user and Idempotency-Key (NULL keys never collide): a create's ON CONFLICT target.
-        Index("ux_tasks_user_idempotency_key", "user_id", "idempotency_key", unique=True),
+        # One task per user and Idempotency-Key, over the tasks that have one: a create's ON CONFLICT target.
+        Index(
+            "ux_tasks_user_idempotency_key",
+            "user_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+            sqlite_where=text("idempotency_key IS NOT NULL"),
+        ),
         # Ids are never reused: without AUTOINCREMENT, SQLite hands the id of the newest deleted task
         # to the next one, and a retried DELETE of the old id would delete the new task.
         {"sqlite_autoincrement": True},
@@ -173,9 +181,14 @@ GET_TASK = select(*TASK_COLUMNS).where(_OWNED)
 SORT_COLUMNS = {"created": TASKS.c.created_at, "updated": TASKS.c.updated_at, "title": TASKS.c.title}
 
 
-def _matching(conditional: bool) -> ColumnElement[bool]:
-    """The user's task; with If-Match (conditional), only at one of the versions the request names."""
-    return _OWNED & TASKS.c.version.in_(bindparam("versions", expanding=True)) if conditional else _OWNED
+def _matching(by_version: bool, excluding: bool) -> ColumnElement[bool]:
+    """The user's task; at one of the versions If-Match names (by_version), at none If-None-Match names."""
+    condition = _OWNED
+    if by_version:
+        condition &= TASKS.c.version.in_(bindparam("versions", expanding=True))
+    if excluding:
+        condition &= TASKS.c.version.not_in(bindparam("excluded", expanding=True))
+    return condition
 
 
 @functools.cache
@@ -208,7 +221,9 @@ def insert_task(dialect: str) -> Any:
     new_row = select(*values.values()).where((tasks_of_owner < bindparam("max_tasks")) | key_used)
     statement = dialect_insert(TASKS).from_select(list(values), new_row)
     statement = statement.on_conflict_do_update(
-        index_elements=["user_id", "idempotency_key"], set_={"idempotency_key": statement.excluded.idempotency_key}
+        index_elements=["user_id", "idempotency_key"],
+        index_where=TASKS.c.idempotency_key.is_not(None),
+        set_={"idempotency_key": statement.excluded.idempotency_key},
     )
     # PostgreSQL: a row this statement inserted has no xmax; one its ON CONFLICT updated has (exact, even
     # for two creates in one microsecond). SQLite has no xmax, and writes one at a time: a new row's
@@ -218,26 +233,26 @@ def insert_task(dialect: str) -> Any:
 
 
 @functools.cache
-def update_task(fields: tuple[str, ...] | None, conditional: bool) -> Any:
+def update_task(fields: tuple[str, ...] | None, by_version: bool = False, excluding: bool = False) -> Any:
     """UPDATE ... RETURNING of the user's task: the given fields (v_<field>), or a flip of completed (None).
 
-    Every change is one more version (the ETag); with If-Match, only a task at a version named changes.
+    Every change is one more version (the ETag); with conditions, only a task at a version they allow.
     """
     values: dict[str, Any] = (
         {"completed": ~TASKS.c.completed} if fields is None else {name: bindparam(f"v_{name}") for name in fields}
     )
     return (
         update(TASKS)
-        .where(_matching(conditional))
+        .where(_matching(by_version, excluding))
         .values(**values, version=TASKS.c.version + 1, updated_at=WrittenAt(for_update=True))
         .returning(*TASK_COLUMNS)
     )
 
 
 @functools.cache
-def delete_task(conditional: bool) -> Any:
-    """DELETE ... RETURNING of the user's task; with If-Match, only at a version named."""
-    return delete(TASKS).where(_matching(conditional)).returning(TASKS.c.id)
+def delete_task(by_version: bool = False, excluding: bool = False) -> Any:
+    """DELETE ... RETURNING of the user's task; with conditions, only at a version they allow."""
+    return delete(TASKS).where(_matching(by_version, excluding)).returning(TASKS.c.id)
 
 
 def _listed(filtered: bool) -> ColumnElement[bool]:

@@ -243,26 +243,49 @@ def idempotency_key(raw: str | None) -> str | None:
     return raw
 
 
-# An entity-tag (RFC 9110 8.8.3): an optional W/ and a quoted string; this service's are versions.
-_ENTITY_TAG = re.compile(r'(W/)?"([^"]*)"')
+# One element of an entity-tag list (RFC 9110 8.8.3 and 5.6.1): optional whitespace, an optional W/ and
+# a quoted tag, or nothing (lists may have empty elements), then a comma or the end.
+_LIST_ELEMENT = re.compile(r'[ \t]*(?:(W/)?"([\x21\x23-\x7e\x80-\xff]*)")?[ \t]*(?:,|$)')
+# This service's tags are task versions: 1 to 2147483647, written without leading zeros.
 _VERSION = re.compile(r"[1-9][0-9]{0,9}")
 
 
-def _named_versions(raw: str, *, weak: bool) -> set[int]:
-    """The versions a list of entity-tags names; weak tags count only for the weak comparison."""
-    return {int(tag) for is_weak, tag in _ENTITY_TAG.findall(raw) if (weak or not is_weak) and _VERSION.fullmatch(tag)}
+@dataclass(frozen=True)
+class Condition:
+    """An If-Match or If-None-Match header: any version (*), or the versions its tags name."""
+
+    any_version: bool
+    versions: frozenset[int]
+
+    def holds_for(self, version: int) -> bool:
+        """Whether the header names this version (or is *)."""
+        return self.any_version or version in self.versions
 
 
-def if_match_versions(raw: str | None) -> list[int] | None:
-    """The task versions an If-Match header names: None without one, or with * (any version will do).
+def if_match(raw: str | None) -> Condition | None:
+    """The If-Match header: None without one. Strong comparison: a weak tag names no version."""
+    return _condition(raw, weak=False)
 
-    Strong comparison (RFC 9110): a weak ETag, or one this service never sent, matches no version.
-    """
-    if raw is None or raw.strip() == "*":
+
+def if_none_match(raw: str | None) -> Condition | None:
+    """The If-None-Match header: None without one. Weak comparison: W/"3" names version 3 too."""
+    return _condition(raw, weak=True)
+
+
+def _condition(raw: str | None, *, weak: bool) -> Condition | None:
+    """Read a list of entity-tags; a malformed one (an unquoted tag, text around a tag) names nothing."""
+    if raw is None:
         return None
-    return sorted(_named_versions(raw, weak=False))
-
-
-def if_none_match(raw: str | None, version: int) -> bool:
-    """Whether an If-None-Match header names this version (weak comparison), or is *."""
-    return raw is not None and (raw.strip() == "*" or version in _named_versions(raw, weak=True))
+    if raw.strip(" \t") == "*":
+        return Condition(any_version=True, versions=frozenset())
+    versions: set[int] = set()
+    position = 0
+    while position < len(raw):
+        element = _LIST_ELEMENT.match(raw, position)
+        if element is None or element.end() == position:
+            return Condition(any_version=False, versions=frozenset())
+        is_weak, tag = element.group(1, 2)
+        if tag is not None and (weak or not is_weak) and _VERSION.fullmatch(tag):
+            versions.add(int(tag))
+        position = element.end()
+    return Condition(any_version=False, versions=frozenset(versions))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import pytest
 
-from tests.common import ALICE, BOB, auth_headers
+from tests.common import ALICE, BOB, auth_headers, in_threads, postgres_only, run_sql
 
 CHANGED_ELSEWHERE = "This task was changed elsewhere; reload it and try again."
 
@@ -89,10 +90,30 @@ def test_a_current_if_match_applies(
 
 
 @pytest.mark.parametrize(
-    "if_match", ['W/"1"', "1", '"01"', '"1 "', '"x"', '""', '"99999999999999999999"', ",", "**", '"*"', "\u00e9"]
+    "if_match",
+    [
+        'W/"1"',
+        'w/"1"',
+        'W/ "1"',
+        "1",
+        '"01"',
+        '"1 "',
+        '"x"',
+        '""',
+        '"99999999999999999999"',
+        ",",
+        "**",
+        '"*"',
+        "\u00e9",
+        'junk"1"junk',
+        '"1" junk',
+        '"1", junk',
+        '"1""1"',
+    ],
 )
 def test_only_a_strong_etag_this_service_sent_matches(as_user: Any, new_task: Any, if_match: str) -> None:
-    # RFC 9110: If-Match uses the strong comparison (a weak tag never matches), of the quoted tag as sent.
+    # RFC 9110: If-Match uses the strong comparison (a weak tag never matches), of the quoted tag as sent;
+    # a list with anything malformed in it names nothing.
     task = new_task()
     response = change(as_user, task["id"], "put", "", {"title": "x"}, **{"If-Match": if_match})
     assert response.status_code == 412 and response.headers["ETag"] == '"1"'
@@ -181,3 +202,92 @@ def test_the_browser_may_send_the_headers_and_read_the_answers(client: Any, as_u
     )
     exposed = {name.strip().lower() for name in response.headers["Access-Control-Expose-Headers"].split(",")}
     assert {"etag", "idempotent-replayed", "location"} <= exposed
+
+
+@pytest.mark.parametrize("if_match", ['"1"', ' "7" ,, "1" ', "*", " * "])
+def test_a_well_formed_if_match_list_matches(as_user: Any, new_task: Any, if_match: str) -> None:
+    task_id = new_task()["id"]
+    response = change(as_user, task_id, "put", "", {"title": "x"}, **{"If-Match": if_match})
+    assert response.status_code == 200 and response.get_json()["title"] == "x"
+
+
+@pytest.mark.parametrize("method,suffix,body", CHANGES, ids=CHANGE_IDS)
+@pytest.mark.parametrize("if_none_match", ['"1"', 'W/"1"', '"3", "1"', "*"])
+def test_a_change_with_if_none_match_naming_the_task_is_a_412(
+    as_user: Any, new_task: Any, method: str, suffix: str, body: Any, if_none_match: str
+) -> None:
+    # RFC 9110 13.1.2: If-None-Match on a change means "only if the task is not at these versions".
+    task = new_task()
+    response = change(as_user, task["id"], method, suffix, body, **{"If-None-Match": if_none_match})
+    assert response.status_code == 412 and response.headers["ETag"] == '"1"'
+    assert as_user("get", f"/tasks/{task['id']}").get_json() == task
+
+
+@pytest.mark.parametrize("method,suffix,body", CHANGES, ids=CHANGE_IDS)
+def test_a_change_with_if_none_match_naming_other_versions_applies(
+    as_user: Any, new_task: Any, method: str, suffix: str, body: Any
+) -> None:
+    task_id = new_task()["id"]
+    response = change(as_user, task_id, method, suffix, body, **{"If-None-Match": '"2", "3"', "If-Match": '"1"'})
+    assert response.status_code == (204 if method == "delete" else 200)
+
+
+@pytest.mark.parametrize("if_none_match", ['"1"', "*"])
+def test_if_none_match_on_a_change_of_another_users_or_a_missing_task_is_a_404(
+    as_user: Any, new_task: Any, if_none_match: str
+) -> None:
+    bobs = new_task("Bob's", user=BOB)
+    for task_id in (bobs["id"], 999999):
+        response = as_user("put", f"/tasks/{task_id}", json={"title": "x"}, headers={"If-None-Match": if_none_match})
+        assert response.status_code == 404 and "ETag" not in response.headers
+
+
+@pytest.mark.parametrize("if_match,expected", [('"1"', 200), ("*", 200), ('"2"', 412), ('W/"1"', 412)])
+def test_if_match_on_a_get(as_user: Any, new_task: Any, if_match: str, expected: int) -> None:
+    task = new_task()
+    response = as_user("get", f"/tasks/{task['id']}", headers={"If-Match": if_match})
+    assert response.status_code == expected and response.headers["ETag"] == '"1"'
+    if expected == 200:
+        assert response.get_json() == task
+    else:
+        assert response.get_json() == {"detail": CHANGED_ELSEWHERE}
+
+
+def test_if_match_is_evaluated_before_if_none_match_on_a_get(as_user: Any, new_task: Any) -> None:
+    task_id = new_task()["id"]
+    both = {"If-Match": '"2"', "If-None-Match": '"1"'}
+    assert as_user("get", f"/tasks/{task_id}", headers=both).status_code == 412
+
+
+@pytest.mark.parametrize("method,suffix,body", CHANGES, ids=CHANGE_IDS)
+def test_of_concurrent_changes_with_one_etag_one_applies(
+    app: Any, new_task: Any, method: str, suffix: str, body: Any
+) -> None:
+    task_id = new_task()["id"]
+
+    def send(index: int) -> Any:
+        headers = {**auth_headers(), "If-Match": '"1"'}
+        kwargs = {"json": body} if body is not None else {}
+        return app.test_client().open(
+            f"/api/{ALICE}/tasks/{task_id}{suffix}", method=method.upper(), headers=headers, **kwargs
+        )
+
+    statuses = Counter(response.status_code for response in in_threads(10, send))
+    # The losers find the task at version 2 (a 412), or, after the delete, gone (a 404).
+    assert statuses == ({204: 1, 404: 9} if method == "delete" else {200: 1, 412: 9})
+
+
+@postgres_only
+def test_a_change_by_the_release_before_still_makes_the_etag_stale(app: Any, as_user: Any, new_task: Any) -> None:
+    # During a rolling deploy the old release, which knows no version, still serves: its UPDATE moves
+    # updated_at only, and the trigger of migration 0004 counts the version for it.
+    task_id = new_task()["id"]
+    run_sql(app, "UPDATE tasks SET title = 'old release', updated_at = clock_timestamp() WHERE id = :id", id=task_id)
+    response = as_user("put", f"/tasks/{task_id}", json={"title": "stale"}, headers={"If-Match": '"1"'})
+    assert response.status_code == 412 and response.headers["ETag"] == '"2"'
+    assert as_user("get", f"/tasks/{task_id}").get_json()["title"] == "old release"
+    # This release counts its own changes once, and a replay (ON CONFLICT ... DO UPDATE) counts none.
+    assert as_user("put", f"/tasks/{task_id}", json={"title": "new"}).get_json()["version"] == 3
+    keyed = as_user("post", json={"title": "k"}, headers={"Idempotency-Key": "k"}).get_json()
+    assert as_user("post", json={"title": "k"}, headers={"Idempotency-Key": "k"}).get_json()["version"] == 1
+    assert keyed["version"] == 1

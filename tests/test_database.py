@@ -308,7 +308,9 @@ def test_each_request_is_one_statement(app: Any, as_user: Any, new_task: Any) ->
     assert cost("put", path, json={"title": "z"}, headers=current) == 1
     assert cost("patch", f"{path}/complete", headers={"If-Match": '"2"'}) == 1
     assert cost("patch", path, json={"title": "z"}, headers={"If-Match": "*"}) == 1
-    assert cost("delete", path, headers={"If-Match": '"4"'}) == 1
+    assert cost("patch", path, json={"title": "w"}, headers={"If-Match": '"4"', "If-None-Match": '"1"'}) == 1
+    assert cost("get", path, headers={"If-Match": '"5"'}) == 1
+    assert cost("delete", path, headers={"If-Match": '"5"'}) == 1
     # Telling a 412 from a 404 costs a second statement, only when the conditional change matched nothing.
     stale = new_task("stale")["id"]
     as_user("put", f"/tasks/{stale}", json={"title": "newer"})

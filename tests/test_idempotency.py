@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, cast
 
 import pytest
 
@@ -97,6 +98,37 @@ def test_twenty_concurrent_creates_with_one_key_leave_one_task(app: Any) -> None
     assert len({answer.headers["Location"] for answer in answers}) == 1
     assert sum("Idempotent-Replayed" not in answer.headers for answer in answers) == 1
     assert count_tasks(app) == 1
+
+
+def test_concurrent_creates_with_one_key_and_different_tasks_make_one_and_refuse_the_rest(app: Any) -> None:
+    def send(index: int) -> Any:
+        headers = {**auth_headers(), "Idempotency-Key": "one-key"}
+        return app.test_client().post(f"/api/{ALICE}/tasks", json={"title": f"task {index}"}, headers=headers)
+
+    answers = in_threads(10, send)
+    assert sorted(answer.status_code for answer in answers) == [201] + [422] * 9
+    assert count_tasks(app) == 1
+
+
+def test_a_clock_that_stands_still_never_turns_a_reused_key_into_a_replay(
+    as_user: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite tells a new row by its created_at being this statement's time: a coarse clock (or a frozen
+    # one) makes a conflict look new. The fingerprint is compared anyway.
+    import models
+
+    instant = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Frozen:
+            return cast(Frozen, instant)
+
+    monkeypatch.setattr(models, "datetime", Frozen)
+    assert create(as_user, "frozen", {"title": "first"}).status_code == 201
+    response = create(as_user, "frozen", {"title": "second"})
+    assert response.status_code == 422
+    assert response.get_json()["errors"][0]["type"] == "idempotency_key_reused"
 
 
 def test_a_replay_answers_the_task_as_it_is_now(as_user: Any) -> None:

@@ -95,6 +95,12 @@ def test_up_to_the_head_and_down_to_nothing_on_an_empty_database(database_url: s
     assert {"tasks", "tasks_api_users", migrations.VERSION_TABLE} <= set(inspect(engine).get_table_names())
     assert migrations.differences(engine, None) == []  # the models and the migrations agree
     down = db.migration_engine(settings)
+    newest_first = [script.revision for script in migrations._scripts().walk_revisions()]
+    for revision in newest_first[1:]:  # one step at a time, each checked
+        migrations.downgrade(down, None, revision)
+        assert revision_of(application) == revision
+        if not ON_POSTGRES and revision >= "0002":  # task ids are never reused, after any downgrade too
+            assert "AUTOINCREMENT" in run_sql(application, "SELECT sql FROM sqlite_master WHERE name = 'tasks'")[0][0]
     migrations.downgrade(down, None, "base")
     down.dispose()
     assert set(inspect(engine).get_table_names()) <= {migrations.VERSION_TABLE}
