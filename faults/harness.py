@@ -8,7 +8,6 @@ killed (by its own pid) when the scenario ends, whether it passed, failed or was
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import http.client
 import json
@@ -18,7 +17,6 @@ import secrets
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -403,121 +401,13 @@ def run_threads(count: int, work: Callable[[int], Any], *, timeout: float) -> li
 # --- the TCP proxy -----------------------------------------------------------------------------
 
 
-class TcpProxy:
-    """A TCP proxy on a loopback port in front of PostgreSQL, run by an asyncio loop in a thread.
-
-    cut(): every proxied connection is reset (RST) and new connections are refused, as when the
-    server is stopped or its host is gone. restore(): the port listens and forwards again.
-    partition(): nothing moves any more, either way, but nothing is lost or closed: bytes wait (in
-    the kernel's buffers) until restore(), as TCP retransmission would deliver them after a network
-    blip; new connections are accepted and wait too.
-    """
+class TcpProxy(shared.TcpProxy):
+    """The shared proxy (tests/harness.py) in front of the scenario's PostgreSQL, closed when it ends."""
 
     def __init__(self, scenario: Scenario, target_port: int = PG_PORT, port: int | None = None) -> None:
-        self.target_port = target_port
-        self.port = port or free_port()
-        self.loop = asyncio.new_event_loop()
-        self.server: Any = None
-        self.pairs: set[tuple[asyncio.StreamWriter, ...]] = set()
-        self.connections_total = 0
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="tcp-proxy")
-        self.thread.start()
-        self.flowing: asyncio.Event = self._call(self._make_event())
-        self._call(self._listen())
+        super().__init__(target_port, target_host=PG_HOST, port=port)
         scenario.stack.callback(self.close)
         scenario.log(f"proxy 127.0.0.1:{self.port} -> {PG_HOST}:{target_port}")
-
-    def _call(self, coroutine: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(10)
-
-    async def _make_event(self) -> asyncio.Event:
-        event = asyncio.Event()
-        event.set()
-        return event
-
-    async def _listen(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections_total += 1
-        pair: tuple[asyncio.StreamWriter, ...] = (writer,)
-        self.pairs.add(pair)
-        try:
-            await self.flowing.wait()
-            up_reader, up_writer = await asyncio.open_connection(PG_HOST, self.target_port)
-        except (OSError, asyncio.CancelledError):
-            self.pairs.discard(pair)
-            _reset(writer)
-            return
-        self.pairs.discard(pair)
-        pair = (writer, up_writer)
-        self.pairs.add(pair)
-        await asyncio.gather(
-            self._pump(reader, up_writer, pair), self._pump(up_reader, writer, pair), return_exceptions=True
-        )
-        self.pairs.discard(pair)
-
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: Any) -> None:
-        try:
-            while True:
-                await self.flowing.wait()
-                data = await reader.read(65536)
-                if not data:
-                    break
-                await self.flowing.wait()
-                writer.write(data)
-                await writer.drain()
-        except (OSError, asyncio.CancelledError):
-            pass
-        finally:
-            for side in pair:
-                with contextlib.suppress(Exception):
-                    side.close()
-
-    async def _cut(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            self.server = None
-        for pair in list(self.pairs):
-            for side in pair:
-                _reset(side)
-        self.pairs.clear()
-        self.flowing.set()
-
-    async def _restore(self) -> None:
-        if self.server is None:
-            await self._listen()
-        self.flowing.set()
-
-    async def _partition(self) -> None:
-        self.flowing.clear()
-
-    def cut(self) -> None:
-        self._call(self._cut())
-
-    def restore(self) -> None:
-        self._call(self._restore())
-
-    def partition(self) -> None:
-        self._call(self._partition())
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._call(self._cut())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        with contextlib.suppress(Exception):
-            self.loop.close()
-
-
-def _reset(writer: asyncio.StreamWriter) -> None:
-    """Close with RST rather than FIN, like a host that is gone."""
-    sock = writer.get_extra_info("socket")
-    with contextlib.suppress(Exception):
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    with contextlib.suppress(Exception):
-        writer.transport.abort()
 
 
 # --- PgBouncer and nginx -----------------------------------------------------------------------

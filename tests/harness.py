@@ -1,5 +1,6 @@
-"""The one harness for what the tests, e2e/, faults/ and bench/ start: free ports, processes in their own
-groups, private PostgreSQL databases, the service under gunicorn, and tokens.
+"""The one harness for what the tests, e2e/, faults/, bench/ and the TypeScript client's tests start: free
+ports, processes in their own groups, private PostgreSQL databases, the service under gunicorn, a proxy
+that can cut a connection, and tokens.
 
 Everything binds to 127.0.0.1 only, and everything started here is stopped by its own process group,
 so that workers left by a killed gunicorn master go too.
@@ -7,13 +8,16 @@ so that workers left by a killed gunicorn master go too.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -171,6 +175,11 @@ class PrivateDatabase:
         query = "&".join(f"{key}={value}" for key, value in server.query.items() if isinstance(value, str))
         return f"{scheme}://{userinfo}{host}:{port or server.port or 5432}/{self.name}" + (f"?{query}" if query else "")
 
+    def address(self) -> tuple[str, int]:
+        """The server's host and port (what a proxy in front of it forwards to)."""
+        server = make_url(self.server_url.replace("postgres://", "postgresql://", 1))
+        return server.host or "127.0.0.1", server.port or 5432
+
     def connect(self) -> Any:
         """An autocommit connection to this database."""
         return admin_connection(self.url())
@@ -293,6 +302,126 @@ class Gunicorn:
     def stop(self, timeout: float = 30) -> int | None:
         """SIGTERM the master (a graceful stop), then SIGKILL its group if it lingers; the exit status."""
         return self.process.stop(timeout)
+
+
+# --- a proxy that can cut a connection ---------------------------------------------------------------
+
+
+class TcpProxy:
+    """A TCP proxy on a loopback port (in front of PostgreSQL), run by an asyncio loop in a thread.
+
+    cut(): every proxied connection is reset (RST) and new connections are refused, as when the
+    server is stopped or its host is gone. restore(): the port listens and forwards again.
+    partition(): nothing moves any more, either way, but nothing is lost or closed: bytes wait (in
+    the kernel's buffers) until restore(), as TCP retransmission would deliver them after a network
+    blip; new connections are accepted and wait too.
+    """
+
+    def __init__(self, target_port: int, *, target_host: str = "127.0.0.1", port: int | None = None) -> None:
+        """Listen now, forwarding to target_host:target_port; close() stops it."""
+        self.target_host = target_host
+        self.target_port = target_port
+        self.port = port or free_port()
+        self.loop = asyncio.new_event_loop()
+        self.server: Any = None
+        self.pairs: set[tuple[asyncio.StreamWriter, ...]] = set()
+        self.connections_total = 0
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="tcp-proxy")
+        self.thread.start()
+        self.flowing: asyncio.Event = self._call(self._make_event())
+        self._call(self._listen())
+
+    def _call(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(10)
+
+    async def _make_event(self) -> asyncio.Event:
+        event = asyncio.Event()
+        event.set()
+        return event
+
+    async def _listen(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections_total += 1
+        pair: tuple[asyncio.StreamWriter, ...] = (writer,)
+        self.pairs.add(pair)
+        try:
+            await self.flowing.wait()
+            up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
+        except (OSError, asyncio.CancelledError):
+            self.pairs.discard(pair)
+            _reset(writer)
+            return
+        self.pairs.discard(pair)
+        pair = (writer, up_writer)
+        self.pairs.add(pair)
+        await asyncio.gather(
+            self._pump(reader, up_writer, pair), self._pump(up_reader, writer, pair), return_exceptions=True
+        )
+        self.pairs.discard(pair)
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: Any) -> None:
+        try:
+            while True:
+                await self.flowing.wait()
+                data = await reader.read(65536)
+                if not data:
+                    break
+                await self.flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            for side in pair:
+                with contextlib.suppress(Exception):
+                    side.close()
+
+    async def _cut(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for pair in list(self.pairs):
+            for side in pair:
+                _reset(side)
+        self.pairs.clear()
+        self.flowing.set()
+
+    async def _restore(self) -> None:
+        if self.server is None:
+            await self._listen()
+        self.flowing.set()
+
+    async def _partition(self) -> None:
+        self.flowing.clear()
+
+    def cut(self) -> None:
+        self._call(self._cut())
+
+    def restore(self) -> None:
+        self._call(self._restore())
+
+    def partition(self) -> None:
+        self._call(self._partition())
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._call(self._cut())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        with contextlib.suppress(Exception):
+            self.loop.close()
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with RST rather than FIN, like a host that is gone."""
+    sock = writer.get_extra_info("socket")
+    with contextlib.suppress(Exception):
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(Exception):
+        writer.transport.abort()
 
 
 # --- tokens -----------------------------------------------------------------------------------------
