@@ -12,9 +12,10 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
-# The service's modules, its migrations, the OpenAPI document and the /docs page it serves;
+# The service's modules, its migrations, the OpenAPI document and the /docs page (its HTML and script);
 # .dockerignore keeps tests, tools, databases and .env out of the build context.
-COPY *.py openapi.json docs.html ./
+COPY *.py openapi.json ./
+COPY docs ./docs
 COPY migrations ./migrations
 
 # A numeric user and group, so that runtimes enforcing runAsNonRoot can verify it.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -22,11 +23,12 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import click
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, url_for
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, send_file, url_for
 from flask.cli import AppGroup, ScriptInfo, with_appcontext
 from flask_cors import CORS
 from sqlalchemy import Row, text
 from sqlalchemy import exc as sa_exc
+from werkzeug.exceptions import NotFound
 
 import auth
 import db
@@ -105,7 +107,14 @@ ORIGIN_PATTERN = re.compile(
 )
 API_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
-DOCS_PATH = Path(__file__).with_name("docs.html")
+# The /docs page and its script; Swagger UI's own files come from the flask-swagger-ui package.
+DOCS_DIR = Path(__file__).with_name("docs")
+SWAGGER_UI_FILES = frozenset({"swagger-ui.css", "swagger-ui-bundle.js", "favicon-32x32.png", "favicon-16x16.png"})
+# The docs run scripts from this origin only and send requests to it only; Swagger UI styles inline.
+DOCS_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "font-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 # A list longer than this is encoded and sent in pieces of about LIST_PIECE_CHARS (a whole list at the
 # per-user limit, every field at its longest, is 50 MB).
 STREAMED_LIST_FROM = 100
@@ -240,6 +249,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.add_url_rule("/health/ready", view_func=health_ready)
     app.add_url_rule("/openapi.json", view_func=openapi_document)
     app.add_url_rule("/docs", view_func=api_docs)
+    app.add_url_rule("/docs/<name>", view_func=api_docs_file)
     app.before_request(_start_request)
     app.after_request(_finish_request)
     app.teardown_request(_end_request)
@@ -381,8 +391,36 @@ def openapi_document() -> Response:
 
 
 def api_docs() -> Response:
-    """A page listing the API's operations, rendered from /openapi.json with no outside assets."""
-    return current_app.response_class(DOCS_PATH.read_bytes(), mimetype="text/html")
+    """Interactive API docs (Swagger UI on /openapi.json, try-it-out included), with no outside assets."""
+    return _docs_file(DOCS_DIR / "index.html")
+
+
+def api_docs_file(name: str) -> Response:
+    """A file of the docs page: its script, or one of Swagger UI's files."""
+    if name == "docs.js":
+        return _docs_file(DOCS_DIR / name)
+    if name in SWAGGER_UI_FILES:
+        return _docs_file(_swagger_ui_dir() / name)
+    raise NotFound()
+
+
+def _docs_file(path: Path) -> Response:
+    """A file of the docs, revalidated hourly (its ETag), under the docs' content security policy."""
+    response = send_file(path, max_age=3600)
+    response.headers["Content-Security-Policy"] = DOCS_POLICY
+    return response
+
+
+@functools.cache
+def _swagger_ui_dir() -> Path:
+    """Where the flask-swagger-ui package (pinned in requirements.txt) keeps Swagger UI's files.
+
+    Found, not imported: the package's Flask blueprint is not used, only its copy of swagger-ui-dist.
+    """
+    spec = importlib.util.find_spec("flask_swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        raise NotFound()
+    return Path(next(iter(spec.submodule_search_locations))) / "dist"
 
 
 # --- the tasks API ----------------------------------------------------------------------------------
