@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.client
+import json
 import socket
 import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from tests.harness import REPO, SERVICE_VARIABLES, Gunicorn, PrivateDatabase, free_port  # noqa: F401 (for the tests)
 
@@ -46,6 +48,18 @@ def http_get(port: int, path: str, *, headers: dict[str, str] | None = None, tim
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         connection.request("GET", path, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def http_post_json(port: int, path: str, body: Any, token: str, *, timeout: float = 5) -> tuple[int, bytes]:
+    """POST a JSON body to http://127.0.0.1:port/path with a Bearer token; returns (status, body)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        connection.request("POST", path, body=json.dumps(body), headers=headers)
         response = connection.getresponse()
         return response.status, response.read()
     finally:
