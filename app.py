@@ -25,6 +25,7 @@ from urllib.parse import quote, urlsplit
 import click
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, send_file, url_for
 from flask.cli import AppGroup, ScriptInfo, with_appcontext
+from flask.helpers import get_debug_flag
 from flask_cors import CORS
 from sqlalchemy import Row, text
 from sqlalchemy import exc as sa_exc
@@ -155,7 +156,8 @@ def load_config(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
         if not allow_dev_secret:
             raise ConfigError(
                 "BETTER_AUTH_SECRET is not set (nor BETTER_AUTH_URL): set the secret your "
-                "Better Auth frontend signs tokens with, or its URL for JWKS (see README)."
+                "Better Auth frontend signs tokens with, or its URL for JWKS (see README); for local "
+                "development, `python app.py` and `flask --app app run --debug` use a development secret."
             )
         config["BETTER_AUTH_SECRET"] = auth.DEV_SECRET
         config["USING_DEV_SECRET"] = True
@@ -759,11 +761,18 @@ def __getattr__(name: str) -> Flask:
     if name != "app":
         raise AttributeError(name)
     try:
-        application = create_app()
+        application = create_app({"ALLOW_DEV_SECRET": True} if _flask_run_in_debug() else None)
     except ConfigError as error:  # a configuration mistake: one sentence, not a traceback
         raise SystemExit(str(error)) from None
     globals()["app"] = application
     return application
+
+
+def _flask_run_in_debug() -> bool:
+    """Whether `flask --app app run --debug` is loading the app: Flask's development server, the one
+    place besides `python app.py` where the development secret may be used (never gunicorn's)."""
+    context = click.get_current_context(silent=True)
+    return context is not None and context.info_name == "run" and get_debug_flag()
 
 
 def main(argv: list[str]) -> None:

@@ -3,6 +3,7 @@ point; secrets never printed; the token command."""
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import socket
@@ -24,6 +25,7 @@ from tests.common import (
     SECRET,
     make_app,
 )
+from tests.harness import Process, wait_port
 
 ORIGIN = "http://localhost:3000"
 
@@ -246,3 +248,52 @@ def test_the_database_password_is_never_printed_or_logged(tmp_path: Any) -> None
     text_out = "".join(output)
     assert "database: postgresql+psycopg2://tasks:***@127.0.0.1:1/tasks" in text_out, text_out
     assert "unreachable at startup" in text_out and password not in text_out
+
+
+def flask_command(*argv: str) -> list[str]:
+    """`flask --app app ...` in a fresh interpreter."""
+    return [sys.executable, "-m", "flask", "--app", "app", *argv]
+
+
+def test_flask_run_debug_serves_with_the_labelled_development_secret(tmp_path: Any) -> None:
+    port = _free_port()
+    env = {name: value for name, value in os.environ.items() if name not in app_module.SETTINGS}
+    env.update({"PYTHONPATH": REPO, "DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}", "PYTHONUNBUFFERED": "1"})
+    env.pop("FLASK_DEBUG", None)
+    server = Process(
+        "flask-run", flask_command("run", "--debug", "--no-reload", "--port", str(port)), tmp_path / "log", env=env
+    )
+    try:
+        assert wait_port(port, 30), server.tail()
+        token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, DEV_SECRET, algorithm="HS256")
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/api/alice/tasks", headers={"Authorization": f"Bearer {token}"})
+        assert connection.getresponse().status == 200
+        connection.close()
+        assert "Using the DEVELOPMENT secret: tokens are forgeable" in server.text()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "argv,debug",
+    [
+        (["run"], None),  # Flask's server, not in debug mode
+        (["run"], "0"),
+        (["db", "current"], "1"),  # debug, but not the development server
+        (["-c", "import app; app.app"], "1"),  # gunicorn's app:app with FLASK_DEBUG=1 in the environment
+    ],
+    ids=["flask run", "FLASK_DEBUG=0 flask run", "FLASK_DEBUG=1 flask db", "FLASK_DEBUG=1 app:app"],
+)
+def test_the_development_secret_is_for_python_app_py_and_flask_run_debug_only(
+    tmp_path: Any, argv: list[str], debug: str | None
+) -> None:
+    env = {name: value for name, value in os.environ.items() if name not in app_module.SETTINGS}
+    env.update({"PYTHONPATH": REPO, "DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}", "PORT": str(_free_port())})
+    env.pop("FLASK_DEBUG", None)
+    if debug is not None:
+        env["FLASK_DEBUG"] = debug
+    command = [sys.executable, *argv] if argv[0] == "-c" else flask_command(*argv)
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("BETTER_AUTH_SECRET is not set"), result.stderr
