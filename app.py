@@ -17,7 +17,6 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -33,6 +32,7 @@ from werkzeug.exceptions import NotFound
 
 import auth
 import db
+import logs
 import migrations
 import models
 from auth import require_owner
@@ -97,8 +97,9 @@ SETTINGS: dict[str, Any] = {
     "MAX_TASKS_PER_USER": 10_000,
     "CORS_ORIGINS": "http://localhost:3000",
     "LOG_LEVEL": "INFO",
+    # text: one readable line per record; json: one JSON object per line (logs.py).
+    "LOG_FORMAT": "text",
 }
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s request_id=%(request_id)s: %(message)s"
 # A client's X-Request-ID is echoed and logged only when it is this harmless (no CR/LF, no spaces).
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # scheme://host[:port] and nothing else: what a browser sends as Origin (a DNS name, IPv4 or [IPv6]).
@@ -143,6 +144,9 @@ def load_config(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ConfigError(
             f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, not {config['LOG_LEVEL']!r}."
         )
+    config["LOG_FORMAT"] = str(config["LOG_FORMAT"]).strip().lower()
+    if config["LOG_FORMAT"] not in logs.LOG_FORMATS:
+        raise ConfigError(f"LOG_FORMAT must be text or json, not {config['LOG_FORMAT']!r}.")
     config["CORS_ORIGINS"] = ",".join(exact_origins(config["CORS_ORIGINS"]))
     if config["BETTER_AUTH_URL"] and not config["JWKS_URL"]:
         config["JWKS_URL"] = better_auth_urls(config["BETTER_AUTH_URL"])[0]
@@ -215,7 +219,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # One byte over the limit, so that a chunked body that werkzeug cuts short is still seen as too large.
     app.config.from_mapping(MAX_CONTENT_LENGTH=BODY_LIMIT + 1)
     app.config.update(load_config(config))
-    _configure_logging(app.config["LOG_LEVEL"])
+    logs.configure(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
     _warn_about_the_secret(app.config)
@@ -293,37 +297,10 @@ def _jwks_client(config: Mapping[str, Any]) -> auth.JWKSClient:
 # --- request ids, logs and headers ------------------------------------------------------------------
 
 
-def _configure_logging(level: str) -> None:
-    """Log to stdout, every record carrying the request id of the request it was made in."""
-    global _record_factory_installed
-    if not _record_factory_installed:
-        base_factory = logging.getLogRecordFactory()
-
-        def record_with_request_id(*args: Any, **kwargs: Any) -> logging.LogRecord:
-            record = base_factory(*args, **kwargs)
-            record.request_id = _request_id.get()
-            return record
-
-        logging.setLogRecordFactory(record_with_request_id)
-        _record_factory_installed = True
-    root = logging.getLogger()
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        root.addHandler(handler)
-    root.setLevel(level.upper())
-
-
-_record_factory_installed = False
-# The id of the request this thread is serving: a context variable, so that stamping it on every
-# log record costs no request-context lookup.
-_request_id: ContextVar[str] = ContextVar("request_id", default="-")
-
-
 def _start_request() -> None:
     """Give the request an id (the client's, when it sent a sane one) and start its clock."""
     incoming = request.headers.get("X-Request-ID", "")
-    g.request_id_token = _request_id.set(incoming if REQUEST_ID_PATTERN.fullmatch(incoming) else uuid.uuid4().hex)
+    g.request_id_token = logs.request_id.set(incoming if REQUEST_ID_PATTERN.fullmatch(incoming) else uuid.uuid4().hex)
     g.started = time.perf_counter()
 
 
@@ -332,7 +309,7 @@ def _finish_request(response: Response) -> Response:
     headers = response.headers
     if response.status_code in (204, 304):
         del headers["Content-Type"]  # no body, so no type
-    headers["X-Request-ID"] = _request_id.get()
+    headers["X-Request-ID"] = logs.request_id.get()
     headers["X-Content-Type-Options"] = "nosniff"
     path = request.path
     if path.startswith("/api/"):
@@ -350,6 +327,13 @@ def _finish_request(response: Response) -> Response:
         response.status_code,
         duration_ms,
         quote(claims["sub"], safe="@.:+-_|") if claims else "-",
+        extra={
+            "method": request.method,
+            "path": path,
+            "status": response.status_code,
+            "duration_ms": round(duration_ms, 1),
+            "user_id": claims["sub"] if claims else None,
+        },
     )
     return response
 
@@ -358,7 +342,7 @@ def _end_request(_error: BaseException | None) -> None:
     """Records made after the request (in this thread) no longer carry its id."""
     token = g.pop("request_id_token", None)
     if token is not None:
-        _request_id.reset(token)
+        logs.request_id.reset(token)
 
 
 # --- health and the API's description ---------------------------------------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 
 # server.py sits beside this file; gunicorn reads this file before it puts its folder on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from logs import gunicorn_logconfig  # noqa: E402
 from server import default_workers  # noqa: E402
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
@@ -36,6 +37,10 @@ keepalive = 5
 accesslog = None
 errorlog = "-"
 loglevel = (os.environ.get("LOG_LEVEL") or "info").lower()
+# LOG_FORMAT=json: gunicorn's own records are JSON lines on stdout too, like the app's (logs.py).
+_json_logging = gunicorn_logconfig((os.environ.get("LOG_FORMAT") or "text").strip().lower(), loglevel)
+if _json_logging is not None:
+    logconfig_dict = _json_logging
 # gunicorn 27's control socket lives in $HOME, which the container's user does not have.
 control_socket_disable = True
 

@@ -1,13 +1,17 @@
-"""Request ids, one log line per request (never a token), and the headers every response carries."""
+"""Request ids, one log line per request (never a token), as text or as JSON (read from a real gunicorn run),
+and the headers every response carries."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import logging
+import re
 from typing import Any
 
 import pytest
 
-import app as app_module
+import logs
 from tests.common import (
     ALICE,
     BOB,
@@ -16,6 +20,7 @@ from tests.common import (
     auth_headers,
     make_token,
 )
+from tests.harness import Gunicorn
 
 
 def test_every_response_has_a_request_id(client: Any) -> None:
@@ -61,7 +66,7 @@ def test_one_log_line_per_request_without_the_token(app: Any, caplog: pytest.Log
         app.test_client().get(f"/api/{ALICE}/tasks/999", headers={"Authorization": f"Bearer {token}"})
     lines = [record for record in caplog.records if record.name == "tasks_api.request"]
     assert len(lines) == 2
-    first = logging.Formatter(app_module.LOG_FORMAT).format(lines[0])
+    first = logs.formatter("text").format(lines[0])
     assert f"POST /api/{ALICE}/tasks 201 " in first and "ms user_id=alice" in first
     assert "request_id=req-42" in first and response.headers["X-Request-ID"] == "req-42"
     assert " 404 " in lines[1].getMessage()
@@ -135,3 +140,78 @@ def test_log_lines_cannot_be_forged_through_the_path(app: Any, caplog: pytest.Lo
         app.test_client().get(f"/api/{ALICE}%0A2026-01-01 INFO forged: DELETE /api/bob/tasks/1 204/tasks")
     messages = [record.getMessage() for record in caplog.records if record.name == "tasks_api.request"]
     assert messages and all("\n" not in message and "\r" not in message for message in messages)
+
+
+# --- LOG_FORMAT=json ------------------------------------------------------------------------------
+
+FORGED = "%0D%0A2026-01-01%20INFO%20forged:%20DELETE%20/api/bob/tasks/1%20204"
+
+
+def test_json_logs_of_a_real_gunicorn_run_are_one_object_per_line(tmp_path: Any) -> None:
+    token = make_token()
+    server = Gunicorn(
+        {"BETTER_AUTH_SECRET": SECRET, "DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}", "LOG_FORMAT": "json"},
+        tmp_path / "gunicorn.log",
+        workers=1,
+    )
+    try:
+        server.wait_healthy()
+        created = _request(server.port, "POST", f"/api/{ALICE}/tasks", token, b'{"title": "x"}', "req-7")
+        refused = _request(server.port, "GET", f"/api/{ALICE}/tasks?access_token={token}&secret=hunter2", "bad")
+        forged = _request(server.port, "GET", f"/api/{ALICE}{FORGED}/tasks", token)
+    finally:
+        server.stop()
+    output = server.text()  # stdout, and stderr with it: every line of both
+    entries = [json.loads(line) for line in output.splitlines() if line.strip()]  # each line is JSON
+    for entry in entries:
+        assert {"time", "level", "logger", "message", "request_id"} <= set(entry), entry
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["time"]), entry
+    requests = {entry["request_id"]: entry for entry in entries if entry["logger"] == "tasks_api.request"}
+    assert created == (201, "req-7")
+    line = requests["req-7"]
+    assert {key: line[key] for key in ("method", "path", "status", "user_id")} == {
+        "method": "POST",
+        "path": f"/api/{ALICE}/tasks",
+        "status": 201,
+        "user_id": ALICE,
+    }
+    assert isinstance(line["duration_ms"], float) and line["level"] == "INFO"
+    assert requests[refused[1]]["status"] == 401 and requests[refused[1]]["user_id"] is None
+    assert requests[refused[1]]["path"] == f"/api/{ALICE}/tasks"  # never the query string
+    assert requests[forged[1]]["path"].startswith(f"/api/{ALICE}\r\n2026-01-01")  # a field, not a new line
+    assert not [entry for entry in entries if entry["message"].startswith("2026-01-01")]
+    # gunicorn's own records are JSON too; its access log (which would carry the query) stays off.
+    assert any(entry["logger"] == "gunicorn.error" and "Booting worker" in entry["message"] for entry in entries)
+    assert not [entry for entry in entries if entry["logger"] == "gunicorn.access"]
+    assert token not in output and token.split(".")[2] not in output and "hunter2" not in output
+    assert SECRET not in output
+
+
+def _request(port: int, method: str, path: str, token: str, body: bytes | None = None, request_id: str = "") -> Any:
+    """One request to the server; its status and X-Request-ID."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    if request_id:
+        headers["X-Request-ID"] = request_id
+    try:
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return response.status, response.headers["X-Request-ID"]
+    finally:
+        connection.close()
+
+
+def test_a_json_record_with_an_exception_is_one_line(app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("kaboom\nsecond line")
+
+    with caplog.at_level(logging.ERROR):
+        app.test_client().get("/boom", headers={"X-Request-ID": "req-boom"})
+    (record,) = [record for record in caplog.records if record.exc_info]
+    text = logs.formatter("json").format(record)
+    assert "\n" not in text
+    entry = json.loads(text)
+    assert entry["level"] == "ERROR" and entry["request_id"] == "req-boom"
+    assert "RuntimeError: kaboom\nsecond line" in entry["exception"]
