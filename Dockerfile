@@ -8,9 +8,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Requirements first, so that a code change does not reinstall them (versions pinned in the file).
+# Requirements first, so that a code change does not reinstall them: the lock (scripts/lock) pins every
+# package, transitive ones too, and pip checks each download against its hash.
 COPY requirements.txt .
-RUN pip install --no-cache-dir -r requirements.txt
+RUN pip install --no-cache-dir --require-hashes -r requirements.txt
 
 # The service's modules, its migrations, the OpenAPI document and the /docs page (its HTML and script);
 # .dockerignore keeps tests, tools, databases and .env out of the build context.

@@ -35,7 +35,7 @@ elif [ -x .venv/bin/python ]; then
 else
     PYTHON=python3
 fi
-PIP_DISABLE_PIP_VERSION_CHECK=1 "$PYTHON" -m pip install -q -r e2e/requirements.txt
+PIP_DISABLE_PIP_VERSION_CHECK=1 "$PYTHON" -m pip install -q --require-hashes -r e2e/requirements.txt
 npm --prefix clients/typescript ci --no-audit --no-fund --loglevel=error
 
 chromium --version 2>/dev/null

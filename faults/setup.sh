@@ -23,4 +23,4 @@ fi
 
 python="$root/.venv/bin/python"
 [ -x "$python" ] || python="$(command -v python3)"
-"$python" -m pip install -q -r "$here/requirements.txt"
+"$python" -m pip install -q --require-hashes -r "$here/requirements.txt"
