@@ -11,8 +11,9 @@ import type { components, operations } from "./schema.js";
 
 /** A task as the API returns it. */
 export type Task = components["schemas"]["Task"];
-/** The fields a client may set. */
-export type TaskFields = Pick<components["schemas"]["TaskCreate"], "title" | "description" | "completed">;
+/** The fields a client may set: TaskCreate's declared members (the schema's catch-all for ignored
+ * members dropped, so that a misspelt or renamed field is a compile error). */
+export type TaskFields = Declared<components["schemas"]["TaskCreate"]>;
 /** The body of a create: a title, and optionally a description and completed. */
 export type NewTask = TaskFields;
 /** The body of an update: at least one of title, description and completed. */
@@ -23,6 +24,7 @@ export type ListQuery = NonNullable<operations["listTasks"]["parameters"]["query
 export type FieldError = components["schemas"]["FieldError"];
 
 type AtLeastOne<T> = { [K in keyof T]-?: Required<Pick<T, K>> & Partial<Omit<T, K>> }[keyof T];
+type Declared<T> = { [K in keyof T as string extends K ? never : K]: T[K] };
 
 export interface TasksApiOptions {
   /** Where the service is, e.g. "https://tasks-api.example.com" (no trailing /api). */
@@ -34,8 +36,9 @@ export interface TasksApiOptions {
   getToken: () => string | null | undefined | Promise<string | null | undefined>;
   /**
    * Called when the service answers 401 (the token is missing, expired or refused): sign the person
-   * out, or send them to the sign-in page. Called once for a burst of concurrent 401s, never in a
-   * loop: the failed request is not retried, it throws an UnauthorizedError.
+   * out, or send them to the sign-in page. Called once per refused token (a burst of requests with
+   * it calls it once), never in a loop: the failed request is not retried, it throws an
+   * UnauthorizedError (or what onUnauthorized throws, such as Next.js's redirect()).
    */
   onUnauthorized?: (error: TasksApiError) => void | Promise<void>;
   /** The fetch to use (default: the global one). */
@@ -47,7 +50,10 @@ export interface TasksApiOptions {
   retries?: number;
   /** The first retry's delay in ms, doubled at each retry, when the answer has no Retry-After (default 500). */
   retryDelayMs?: number;
-  /** The longest delay between two retries in ms, Retry-After included (default 10000). */
+  /**
+   * The longest delay between two retries in ms (default 10000). An answer whose Retry-After asks for
+   * longer is not retried: it is thrown.
+   */
   maxRetryDelayMs?: number;
 }
 
@@ -136,10 +142,12 @@ interface Call {
   path: string;
   body?: unknown;
   headers?: Record<string, string>;
-  signal?: AbortSignal;
+  signal?: AbortSignal | undefined;
 }
 
 const RETRYABLE = new Set([502, 503, 504]);
+// The API's rule for an Idempotency-Key: 1 to 255 printable ASCII characters.
+const IDEMPOTENCY_KEY = /^[\x20-\x7e]{1,255}$/;
 
 /** A client for one service. */
 export function createTasksApi(options: TasksApiOptions): TasksApi {
@@ -147,49 +155,56 @@ export function createTasksApi(options: TasksApiOptions): TasksApi {
   const retries = options.retries ?? 3;
   const firstDelay = options.retryDelayMs ?? 500;
   const maxDelay = options.maxRetryDelayMs ?? 10_000;
-  let unauthorized: Promise<void> | null = null;
+  // The token whose 401 onUnauthorized was told about: a burst of requests with it tells it once.
+  let reported: { token: string | null } | null = null;
 
-  async function tellUnauthorized(error: TasksApiError): Promise<void> {
-    if (!options.onUnauthorized) return;
-    if (unauthorized === null) {
-      // One call for every 401 that arrives while it runs: a page of ten requests redirects once.
-      unauthorized = Promise.resolve()
-        .then(() => options.onUnauthorized?.(error))
-        .finally(() => {
-          unauthorized = null;
-        });
-    }
-    await unauthorized;
+  async function tellUnauthorized(error: TasksApiError, token: string | null): Promise<void> {
+    if (!options.onUnauthorized || reported?.token === token) return;
+    reported = { token };
+    await options.onUnauthorized(error);
   }
 
   /** One request and its answer: the Response when it is a success, else a thrown TasksApiError. */
   async function send(call: Call): Promise<Response> {
-    const token = await options.getToken();
+    call.signal?.throwIfAborted();
+    let token: string | null | undefined;
+    try {
+      token = await untilAborted(Promise.resolve(options.getToken()), call.signal);
+    } catch (cause) {
+      if (call.signal?.aborted) throw cause;
+      // The token source is down (offline, the auth server failing): not a sign-out, and worth a retry.
+      throw new TasksApiError(0, "Could not get a sign-in token. Check your connection and try again.", [], null, cause);
+    }
     if (!token) {
       const error = new UnauthorizedError("You are not signed in.", null);
-      await tellUnauthorized(error);
+      await tellUnauthorized(error, null);
       throw error;
     }
     const headers: Record<string, string> = { Authorization: `Bearer ${token}`, ...call.headers };
     if (call.body !== undefined) headers["Content-Type"] = "application/json";
+    const url = baseUrl + call.path;
+    const init: RequestInit = {
+      method: call.method,
+      headers,
+      // Per-user data: never from, nor into, a cache (the browser's, or Next.js's data cache).
+      cache: "no-store",
+    };
+    if (call.body !== undefined) init.body = JSON.stringify(call.body);
+    if (call.signal) init.signal = call.signal;
+    // A URL or header value that cannot be sent is the caller's mistake: thrown as it is, never retried.
+    new Request(url, { method: call.method, headers });
     let response: Response;
     try {
-      response = await (options.fetch ?? fetch)(baseUrl + call.path, {
-        method: call.method,
-        headers,
-        body: call.body === undefined ? undefined : JSON.stringify(call.body),
-        signal: call.signal,
-        cache: "no-store",
-      });
+      response = await (options.fetch ?? fetch)(url, init);
     } catch (cause) {
       if (call.signal?.aborted) throw cause; // the caller's own abort, as fetch reports it
       throw new TasksApiError(0, "The server could not be reached. Check your connection and try again.", [], null, cause);
     }
     if (response.ok) return response;
-    throw await failure(response);
+    throw await failure(response, token);
   }
 
-  async function failure(response: Response): Promise<TasksApiError> {
+  async function failure(response: Response, token: string): Promise<TasksApiError> {
     const requestId = response.headers.get("X-Request-ID");
     let detail = `The server answered ${response.status}.`;
     let errors: FieldError[] = [];
@@ -204,7 +219,7 @@ export function createTasksApi(options: TasksApiOptions): TasksApi {
     }
     if (response.status === 401) {
       const error = new UnauthorizedError(detail, requestId);
-      await tellUnauthorized(error);
+      await tellUnauthorized(error, token);
       return error;
     }
     if (response.status === 412) return new PreconditionFailedError(detail, response.headers.get("ETag"), requestId);
@@ -219,11 +234,25 @@ export function createTasksApi(options: TasksApiOptions): TasksApi {
       try {
         return await send(call);
       } catch (error) {
+        if (call.signal?.aborted) throw call.signal.reason; // an abort wins over what it interrupted
         const retryable = error instanceof TasksApiError && (error.status === 0 || RETRYABLE.has(error.status));
-        if (!retryable || attempt >= retries || call.signal?.aborted) throw error;
+        if (!retryable || attempt >= retries) throw error;
         const told = retryAfter.get(error);
-        await sleep(Math.min(told ?? firstDelay * 2 ** attempt, maxDelay), call.signal);
+        if (told !== undefined && told > maxDelay) throw error; // "come back later", later than we wait
+        // Backoff with jitter, so that the clients an outage failed do not all come back at once.
+        const backoff = firstDelay * 2 ** attempt * (0.5 + Math.random() / 2);
+        await sleep(told ?? Math.min(backoff, maxDelay), call.signal);
       }
+    }
+  }
+
+  /** A success's JSON body; one that is not JSON (a captive portal's page) is a TasksApiError too. */
+  async function json<T>(response: Response): Promise<T> {
+    try {
+      return (await response.json()) as T;
+    } catch (cause) {
+      const detail = "The server's answer could not be read. Try again.";
+      throw new TasksApiError(response.status, detail, [], response.headers.get("X-Request-ID"), cause);
     }
   }
 
@@ -236,23 +265,26 @@ export function createTasksApi(options: TasksApiOptions): TasksApi {
   return {
     async listTasks(userId, query, call) {
       const response = await sendWithRetries({ method: "GET", path: taskPath(userId) + queryString(query), signal: call?.signal });
-      return (await response.json()) as Task[];
+      return json<Task[]>(response);
     },
 
     async listTasksPage(userId, query, call) {
       const response = await sendWithRetries({ method: "GET", path: taskPath(userId) + queryString(query), signal: call?.signal });
-      return { tasks: (await response.json()) as Task[], total: Number(response.headers.get("X-Total-Count")) };
+      const total = response.headers.get("X-Total-Count");
+      const tasks = await json<Task[]>(response);
+      return { tasks, total: total === null ? (query.offset ?? 0) + tasks.length : Number(total) };
     },
 
     async getTask(userId, taskId, call) {
       const response = await sendWithRetries({ method: "GET", path: taskPath(userId, taskId), signal: call?.signal });
-      return (await response.json()) as Task;
+      return json<Task>(response);
     },
 
     async createTask(userId, task, create) {
       // One key for this create and all its retries: the service answers a retry with the task the
       // first attempt stored, so a lost answer never becomes a second task.
       const key = create?.idempotencyKey ?? newKey();
+      if (!IDEMPOTENCY_KEY.test(key)) throw new TypeError("idempotencyKey must be 1 to 255 printable ASCII characters.");
       const response = await sendWithRetries({
         method: "POST",
         path: taskPath(userId),
@@ -260,7 +292,7 @@ export function createTasksApi(options: TasksApiOptions): TasksApi {
         headers: { "Idempotency-Key": key },
         signal: create?.signal,
       });
-      return (await response.json()) as Task;
+      return json<Task>(response);
     },
 
     async updateTask(userId, taskId, changes, change) {
@@ -271,7 +303,7 @@ export function createTasksApi(options: TasksApiOptions): TasksApi {
         headers: ifMatch(change),
         signal: change?.signal,
       });
-      return (await response.json()) as Task;
+      return json<Task>(response);
     },
 
     async toggleTask(userId, taskId, completed, change) {
@@ -282,7 +314,7 @@ export function createTasksApi(options: TasksApiOptions): TasksApi {
         headers: ifMatch(change),
         signal: change?.signal,
       });
-      return (await response.json()) as Task;
+      return json<Task>(response);
     },
 
     async deleteTask(userId, taskId, change) {
@@ -311,22 +343,32 @@ export function cachedToken(
   let token: string | null | undefined;
   let expiresAt = 0;
   let pending: Promise<string | null | undefined> | null = null;
+  // Bumped by clear(): a fetch that was running then (the signed-out user's) is never stored.
+  let generation = 0;
   const get = (async () => {
     if (token && Date.now() < expiresAt) return token;
-    pending ??= fetchToken()
-      .then((fresh) => {
-        token = fresh;
-        expiresAt = fresh ? (expiryOf(fresh) - refreshBeforeSeconds) * 1000 : 0;
-        return fresh;
-      })
-      .finally(() => {
-        pending = null;
-      });
+    if (pending === null) {
+      const started = generation;
+      const fetching: Promise<string | null | undefined> = fetchToken()
+        .then((fresh) => {
+          if (generation === started) {
+            token = fresh;
+            expiresAt = fresh ? (expiryOf(fresh) - refreshBeforeSeconds) * 1000 : 0;
+          }
+          return fresh;
+        })
+        .finally(() => {
+          if (pending === fetching) pending = null;
+        });
+      pending = fetching;
+    }
     return pending;
   }) as CachedToken;
   get.clear = () => {
+    generation += 1;
     token = undefined;
     expiresAt = 0;
+    pending = null;
   };
   return get;
 }
@@ -362,6 +404,16 @@ function queryString(query: ListQuery | undefined): string {
   }
   const text = params.toString();
   return text ? `?${text}` : "";
+}
+
+/** The promise's outcome, or the signal's reason as soon as it aborts. */
+function untilAborted<T>(promise: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+  if (!signal) return promise;
+  return new Promise<T>((resolve, reject) => {
+    const aborted = (): void => reject(signal.reason);
+    signal.addEventListener("abort", aborted, { once: true });
+    promise.then(resolve, reject).finally(() => signal.removeEventListener("abort", aborted));
+  });
 }
 
 function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {

@@ -147,20 +147,23 @@ describe("Idempotency-Key: a create is safe to retry", () => {
     assert.deepEqual(stored, [task]);
   });
 
-  test("a create retried through a database outage makes one task, honouring Retry-After", async () => {
-    const { user, api } = signedIn({ retries: 5, maxRetryDelayMs: 700 });
+  test("a create retried through a database outage makes one task", async () => {
+    const recorder = recordingFetch();
+    const { user, api } = signedIn({ retries: 8, maxRetryDelayMs: 5000, fetch: recorder.fetch });
     await api.listTasks(user); // the pool's connection is open before the cut
     await service.cut();
     const restored = new Promise((done) => setTimeout(() => service.restore().then(done), 1500));
-    const started = Date.now();
     const task = await api.createTask(user, { title: "during the outage" });
     await restored;
-    assert.ok(Date.now() - started >= 1400, "the create answered before the database came back");
+    const creates = recorder.requests.filter((request) => request.method === "POST");
+    assert.ok(creates.length >= 2, `${creates.length} attempt(s): the outage was not seen`);
+    assert.equal(new Set(creates.map((request) => request.headers["Idempotency-Key"])).size, 1);
     assert.deepEqual(await api.listTasks(user), [task]);
   });
 
   test("a 503 past the retries is thrown with its sentence and request id; Retry-After sets the pace", async () => {
-    const { user, api } = signedIn({ retries: 1, retryDelayMs: 1, maxRetryDelayMs: 400 });
+    const recorder = recordingFetch();
+    const { user, api } = signedIn({ retries: 1, retryDelayMs: 1, fetch: recorder.fetch });
     await service.cut();
     try {
       const started = Date.now();
@@ -170,10 +173,42 @@ describe("Idempotency-Key: a create is safe to retry", () => {
         assert.match(error.detail, /unavailable/i);
         assert.match(error.requestId, /\S/);
       });
-      // The first retry waited for Retry-After (capped at 400 ms), not for retryDelayMs (1 ms).
-      assert.ok(Date.now() - started >= 390, `retried after ${Date.now() - started} ms`);
+      // The retry waited the service's Retry-After (5 s), not retryDelayMs (1 ms).
+      assert.equal(recorder.requests.length, 2);
+      assert.ok(Date.now() - started >= 4900, `retried after ${Date.now() - started} ms`);
       assert.equal(error.message, error.detail);
+    } finally {
+      await service.restore();
+    }
+  });
+
+  test("updates, toggles and deletes are never retried", async () => {
+    const recorder = recordingFetch();
+    const { user, api } = signedIn({ fetch: recorder.fetch, retries: 3, retryDelayMs: 1 });
+    const task = await api.createTask(user, { title: "t" });
+    await service.cut();
+    try {
+      for (const call of [
+        () => api.updateTask(user, task.id, { title: "u" }),
+        () => api.toggleTask(user, task.id),
+        () => api.deleteTask(user, task.id),
+      ]) {
+        recorder.requests.length = 0;
+        await rejects(call(), (error) => assert.equal(error.status, 503));
+        assert.equal(recorder.requests.length, 1);
+      }
+    } finally {
+      await service.restore();
+    }
+  });
+
+  test("a Retry-After longer than maxRetryDelayMs is not waited for: the 503 is thrown", async () => {
+    const recorder = recordingFetch();
+    const { user, api } = signedIn({ fetch: recorder.fetch, retries: 3, maxRetryDelayMs: 100 });
+    await service.cut();
+    try {
       await rejects(api.listTasks(user), (error) => assert.equal(error.status, 503));
+      assert.equal(recorder.requests.length, 1);
     } finally {
       await service.restore();
     }
@@ -200,6 +235,67 @@ describe("Idempotency-Key: a create is safe to retry", () => {
       assert.match(error.detail, /could not be reached/);
       assert.ok(error.cause);
     });
+  });
+
+  test("a key the API would refuse is the caller's mistake: thrown at once, nothing sent", async () => {
+    const recorder = recordingFetch();
+    const { user, api } = signedIn({ fetch: recorder.fetch });
+    for (const idempotencyKey of ["", "k".repeat(256), "clé", "tab\there"]) {
+      await rejects(api.createTask(user, { title: "t" }, { idempotencyKey }), (error) => {
+        assert.ok(error instanceof TypeError && !(error instanceof TasksApiError), String(error));
+      });
+    }
+    assert.equal(recorder.requests.length, 0);
+  });
+
+  test("a header value that cannot be sent is thrown at once, never reported as a network error", async () => {
+    const recorder = recordingFetch();
+    const api = createTasksApi({ baseUrl: service.url, getToken: () => "bad\ntoken", fetch: recorder.fetch });
+    await rejects(api.listTasks("u"), (error) => {
+      assert.ok(error instanceof TypeError && !(error instanceof TasksApiError), String(error));
+    });
+    assert.equal(recorder.requests.length, 0);
+  });
+
+  test("a token source that fails is a retried status 0, not a sign-out", async () => {
+    let asked = 0;
+    let told = 0;
+    const api = createTasksApi({
+      baseUrl: service.url,
+      getToken: async () => {
+        asked += 1;
+        throw new TypeError("fetch failed");
+      },
+      onUnauthorized: () => {
+        told += 1;
+      },
+      retries: 2,
+      retryDelayMs: 1,
+    });
+    await rejects(api.listTasks("u"), (error) => {
+      assert.ok(error instanceof TasksApiError && !(error instanceof UnauthorizedError));
+      assert.equal(error.status, 0);
+      assert.match(error.detail, /sign-in token/);
+    });
+    assert.equal(asked, 3);
+    assert.equal(told, 0);
+  });
+
+  test("an abort stops a token source that hangs, and an aborted signal sends nothing", async () => {
+    const recorder = recordingFetch();
+    const api = createTasksApi({ baseUrl: service.url, getToken: () => new Promise(() => {}), fetch: recorder.fetch });
+    const controller = new AbortController();
+    setTimeout(() => controller.abort(), 100);
+    const started = Date.now();
+    await rejects(api.listTasks("u", undefined, { signal: controller.signal }), (error) => {
+      assert.equal(error.name, "AbortError");
+    });
+    assert.ok(Date.now() - started < 2000);
+    const { user, api: signedInApi } = signedIn({ fetch: recorder.fetch });
+    await rejects(signedInApi.createTask(user, { title: "t" }, { signal: AbortSignal.abort() }), (error) => {
+      assert.equal(error.name, "AbortError");
+    });
+    assert.equal(recorder.requests.length, 0);
   });
 
   test("an abort stops the retries", async () => {
@@ -272,20 +368,26 @@ describe("errors", () => {
     assert.equal(recorder.requests.length, 1);
   });
 
-  test("401: a burst of concurrent 401s calls onUnauthorized once", async () => {
-    let calls = 0;
-    const api = createTasksApi({
-      baseUrl: service.url,
-      getToken: () => service.token("someone", { secret: "not-the-service-secret-but-long-enough-32" }),
-      onUnauthorized: async () => {
-        calls += 1;
-        await new Promise((done) => setTimeout(done, 200)); // e.g. a redirect to the sign-in page
-      },
+  for (const [kind, onUnauthorized] of [
+    ["synchronous", (calls) => () => void (calls.count += 1)],
+    ["slow", (calls) => async () => {
+      calls.count += 1;
+      await new Promise((done) => setTimeout(done, 200)); // e.g. a redirect to the sign-in page
+    }],
+  ]) {
+    test(`401: a burst of concurrent 401s calls a ${kind} onUnauthorized once per refused token`, async () => {
+      const calls = { count: 0 };
+      let token = service.token("someone", { secret: "not-the-service-secret-but-long-enough-32" });
+      const api = createTasksApi({ baseUrl: service.url, getToken: () => token, onUnauthorized: onUnauthorized(calls) });
+      const results = await Promise.allSettled(Array.from({ length: 10 }, () => api.listTasks("someone")));
+      assert.ok(results.every((result) => result.status === "rejected" && result.reason.status === 401));
+      await rejects(api.listTasks("someone"), (error) => assert.equal(error.status, 401));
+      assert.equal(calls.count, 1);
+      token = service.token("someone", { exp: Math.floor(Date.now() / 1000) - 120 }); // a new token, refused too
+      await rejects(api.listTasks("someone"), (error) => assert.equal(error.status, 401));
+      assert.equal(calls.count, 2);
     });
-    const results = await Promise.allSettled(Array.from({ length: 5 }, () => api.listTasks("someone")));
-    assert.ok(results.every((result) => result.status === "rejected" && result.reason.status === 401));
-    assert.equal(calls, 1);
-  });
+  }
 
   test("not signed in: no request, a 401 UnauthorizedError", async () => {
     const recorder = recordingFetch();
@@ -336,6 +438,33 @@ describe("errors", () => {
     });
   });
 
+  test("502 and 504 are retried, a 500 is not, and a 200 that is not JSON is an error too", async () => {
+    const answers = [];
+    const gateway = createServer((_request, response) => {
+      const [status, type, body] = answers.shift() ?? [500, "text/html", "<html>no more</html>"];
+      response.writeHead(status, { "Content-Type": type, "X-Request-ID": "gw" }).end(body);
+    });
+    await new Promise((done) => gateway.listen(0, "127.0.0.1", done));
+    try {
+      const api = createTasksApi({ baseUrl: `http://127.0.0.1:${gateway.address().port}`, getToken: () => "t", retryDelayMs: 1 });
+      answers.push([502, "text/html", "<html>bad gateway</html>"], [504, "text/html", "<html>timeout</html>"], [200, "application/json", "[]"]);
+      assert.deepEqual(await api.listTasks("u"), []);
+      assert.equal(answers.length, 0);
+      answers.push([500, "application/json", '{"detail": "Internal server error"}'], [200, "application/json", "[]"]);
+      await rejects(api.listTasks("u"), (error) => assert.equal(error.status, 500));
+      assert.equal(answers.length, 1); // not retried
+      answers.length = 0;
+      answers.push([200, "text/html", "<html>Sign in to the Wi-Fi</html>"]);
+      await rejects(api.getTask("u", 1), (error) => {
+        assert.ok(error instanceof TasksApiError);
+        assert.equal(error.status, 200);
+        assert.equal(error.requestId, "gw");
+      });
+    } finally {
+      gateway.close();
+    }
+  });
+
   test("an answer that is not JSON (a gateway's page) still gives a sentence", async () => {
     const gateway = createServer((_request, response) => {
       response.writeHead(502, { "Content-Type": "text/html" }).end("<html><body>Bad gateway</body></html>");
@@ -379,6 +508,24 @@ describe("cachedToken", () => {
     getToken.clear();
     await api.listTasks(user);
     assert.equal(fetched, 2);
+  });
+
+  test("clear() during a fetch: the signed-out user's token is never kept", async () => {
+    let release;
+    let fetched = 0;
+    const getToken = cachedToken(async () => {
+      fetched += 1;
+      if (fetched === 1) await new Promise((done) => (release = done));
+      return urlSafeToken(`user-${fetched}`, 600);
+    });
+    const first = getToken();
+    await new Promise((done) => setTimeout(done, 10));
+    getToken.clear(); // sign-out while the first user's token is on its way
+    release();
+    await first;
+    const next = await getToken();
+    assert.equal(fetched, 2);
+    assert.match(JSON.parse(Buffer.from(next.split(".")[1], "base64url")).sub, /^user-2$/);
   });
 
   test("a token about to expire (or unreadable) is asked for again each time", async () => {

@@ -43,4 +43,8 @@ export async function refused(task: Task): Promise<void> {
   await api.updateTask("alice", task.id, { title: "t", version: 3 });
   // @ts-expect-error nor can a create
   await api.createTask("alice", { title: "t", version: 3 });
+  // @ts-expect-error a misspelt field (the schema's catch-all for ignored members is not in the type)
+  await api.createTask("alice", { title: "t", complete: true });
+  // @ts-expect-error a title is a string
+  await api.createTask("alice", { title: 42 });
 }
