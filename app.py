@@ -161,7 +161,7 @@ def load_config(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
             raise ConfigError(
                 "BETTER_AUTH_SECRET is not set (nor BETTER_AUTH_URL): set the secret your "
                 "Better Auth frontend signs tokens with, or its URL for JWKS (see README); for local "
-                "development, `python app.py` and `flask --app app run --debug` use a development secret."
+                "development, `python app.py` and `flask --app app run --debug` (on 127.0.0.1) use a development secret."
             )
         config["BETTER_AUTH_SECRET"] = auth.DEV_SECRET
         config["USING_DEV_SECRET"] = True
@@ -756,7 +756,11 @@ def _flask_run_in_debug() -> bool:
     """Whether `flask --app app run --debug` is loading the app: Flask's development server, the one
     place besides `python app.py` where the development secret may be used (never gunicorn's)."""
     context = click.get_current_context(silent=True)
-    return context is not None and context.info_name == "run" and get_debug_flag()
+    if context is None or context.info_name != "run" or not get_debug_flag():
+        return False
+    # On this machine only: with --host 0.0.0.0, anyone on the network could sign tokens with the
+    # secret this repository publishes.
+    return str(context.params.get("host") or "127.0.0.1") in ("127.0.0.1", "localhost", "::1")
 
 
 def main(argv: list[str]) -> None:

@@ -2,13 +2,14 @@
 them are in bench/README.md."""
 
 import gc
+import logging
 import os
 import sys
 from pathlib import Path
 
 # server.py sits beside this file; gunicorn reads this file before it puts its folder on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from logs import gunicorn_logconfig  # noqa: E402
+from logs import ClientBytesRedacted, gunicorn_logconfig  # noqa: E402
 from server import default_workers  # noqa: E402
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
@@ -37,6 +38,8 @@ keepalive = 5
 accesslog = None
 errorlog = "-"
 loglevel = (os.environ.get("LOG_LEVEL") or "info").lower()
+# gunicorn's records about a request it cannot parse quote the client's bytes: never a token or a query.
+logging.getLogger("gunicorn.error").addFilter(ClientBytesRedacted())
 # LOG_FORMAT=json: gunicorn's own records are JSON lines on stdout too, like the app's (logs.py).
 _json_logging = gunicorn_logconfig((os.environ.get("LOG_FORMAT") or "text").strip().lower(), loglevel)
 if _json_logging is not None:

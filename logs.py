@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -49,6 +50,29 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# What gunicorn's own records may quote of a request: the client's bytes (a malformed request line or
+# header, between quotes), a query string, a bearer token.
+_QUOTED_BYTES = re.compile(r"'.*'")
+_QUERY = re.compile(r"\?[^\s'\"]*")
+_BEARER = re.compile(r"(?i)(bearer\s+)\S+")
+_JWT = re.compile(r"eyJ[\w-]*\.[\w-]*\.[\w-]*")
+
+
+class ClientBytesRedacted(logging.Filter):
+    """For gunicorn's logger: a record about a request it could not parse or serve quotes what the
+    client sent, which may carry a token, a query string or a cookie; those parts are cut before any
+    handler (text or JSON) sees the record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Keep the record, its message cleaned."""
+        message = record.getMessage()
+        cleaned = _JWT.sub("[redacted]", _BEARER.sub(r"\1[redacted]", _QUERY.sub("?[redacted]", message)))
+        cleaned = _QUOTED_BYTES.sub("'[the request, not logged]'", cleaned)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
 def formatter(log_format: str) -> logging.Formatter:
     """The formatter of LOG_FORMAT ("text" or "json")."""
     return JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
@@ -82,7 +106,9 @@ def gunicorn_logconfig(log_format: str, level: str) -> dict[str, Any] | None:
     format, on stderr, as before."""
     if log_format != "json":
         return None
-    level = level.upper()
+    # A level logging does not know would stop gunicorn with dictConfig's error; the app says it in one
+    # sentence instead (LOG_LEVEL must be one of ...).
+    level = level.upper() if isinstance(logging.getLevelName(level.upper()), int) else "INFO"
     stdout = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}
     # gunicorn merges this over its defaults key by key: every key it names is replaced whole.
     return {

@@ -366,6 +366,8 @@ def test_procfile_starts_the_same_gunicorn_configuration() -> None:
     [
         ({}, "BETTER_AUTH_SECRET"),
         ({"BETTER_AUTH_SECRET": SECRET, "LOG_LEVEL": "TRACE"}, "LOG_LEVEL"),
+        ({"BETTER_AUTH_SECRET": SECRET, "LOG_LEVEL": "TRACE", "LOG_FORMAT": "json"}, "LOG_LEVEL"),
+        ({"BETTER_AUTH_SECRET": SECRET, "LOG_FORMAT": "xml"}, "LOG_FORMAT"),
         ({"BETTER_AUTH_SECRET": SECRET, "DATABASE_URL": "localhost/tasks"}, "DATABASE_URL"),
         ({"BETTER_AUTH_SECRET": SECRET, "DATABASE_URL": "postgresql://tasks@db.example:abc/tasks"}, "DATABASE_URL"),
         ({"BETTER_AUTH_SECRET": SECRET, "CORS_ORIGINS": "*"}, "CORS_ORIGINS"),

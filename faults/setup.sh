@@ -9,6 +9,8 @@ root="$(dirname "$here")"
 missing=()
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v ps >/dev/null 2>&1 || missing+=(procps)       # the harness finds gunicorn's workers with ps
+command -v ss >/dev/null 2>&1 || missing+=(iproute2)     # and who holds a connection with ss
 if [ "${#missing[@]}" -gt 0 ]; then
   policy=/usr/sbin/policy-rc.d
   if [ ! -e "$policy" ]; then

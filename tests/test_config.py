@@ -283,8 +283,9 @@ def test_flask_run_debug_serves_with_the_labelled_development_secret(tmp_path: A
         (["run"], "0"),
         (["db", "current"], "1"),  # debug, but not the development server
         (["-c", "import app; app.app"], "1"),  # gunicorn's app:app with FLASK_DEBUG=1 in the environment
+        (["run", "--debug", "--host", "0.0.0.0"], None),  # the whole network could sign tokens
     ],
-    ids=["flask run", "FLASK_DEBUG=0 flask run", "FLASK_DEBUG=1 flask db", "FLASK_DEBUG=1 app:app"],
+    ids=["flask run", "FLASK_DEBUG=0 flask run", "FLASK_DEBUG=1 flask db", "FLASK_DEBUG=1 app:app", "--host 0.0.0.0"],
 )
 def test_the_development_secret_is_for_python_app_py_and_flask_run_debug_only(
     tmp_path: Any, argv: list[str], debug: str | None

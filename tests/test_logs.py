@@ -7,6 +7,7 @@ import http.client
 import json
 import logging
 import re
+import socket
 from typing import Any
 
 import pytest
@@ -215,3 +216,31 @@ def test_a_json_record_with_an_exception_is_one_line(app: Any, caplog: pytest.Lo
     entry = json.loads(text)
     assert entry["level"] == "ERROR" and entry["request_id"] == "req-boom"
     assert "RuntimeError: kaboom\nsecond line" in entry["exception"]
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_gunicorns_own_lines_about_a_malformed_request_quote_no_token_or_query(tmp_path: Any, log_format: str) -> None:
+    token = make_token()
+    server = Gunicorn(
+        {"BETTER_AUTH_SECRET": SECRET, "DATABASE_URL": f"sqlite:///{tmp_path / 'tasks.db'}", "LOG_FORMAT": log_format},
+        tmp_path / "gunicorn.log",
+        workers=1,
+    )
+    malformed = [
+        b"GET /api/alice/tasks?access_token=" + token.encode() + b"&secret=hunter2\t HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\nAuthorization Bearer " + token.encode() + b"\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\nCookie session=hunter2\r\n\r\n",
+    ]
+    try:
+        server.wait_healthy()
+        for request in malformed:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+                connection.sendall(request)
+                assert connection.recv(4096).startswith(b"HTTP/1.1 400")
+    finally:
+        server.stop()
+    output = server.text()
+    assert "Invalid" in output  # gunicorn did log each refusal...
+    assert token not in output and token.split(".")[2] not in output and "hunter2" not in output  # ...not its bytes
+    if log_format == "json":
+        assert all(json.loads(line) for line in output.splitlines() if line.strip())
