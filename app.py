@@ -391,8 +391,12 @@ def api_docs_file(name: str) -> Response:
 
 
 def _docs_file(path: Path) -> Response:
-    """A file of the docs, revalidated hourly (its ETag), under the docs' content security policy."""
-    response = send_file(path, max_age=3600)
+    """A file of the docs, kept for an hour, under the docs' content security policy.
+
+    Always whole (no 304, 206 or 412: conditional=False): the docs are a page to read, not a cache
+    protocol, and werkzeug's mix of Range and preconditions is not RFC 9110's order.
+    """
+    response = send_file(path, max_age=3600, conditional=False, etag=False)
     response.headers["Content-Security-Policy"] = DOCS_POLICY
     return response
 

@@ -263,7 +263,13 @@ def expected_status(request: Fuzzed, live: set[int]) -> int | None:
                 return None
             return _query_status(request.query) or 200
         status, payload = _body_status(request, required=True)
-        return status or _fields_status(payload, partial=False) or 201
+        status = status or _fields_status(payload, partial=False)
+        key = _header(request, "Idempotency-Key")
+        if status or key is None:
+            return status or 201
+        if not re.fullmatch(r"[\x20-\x7e]{1,255}", key):
+            return 422
+        return None  # a key used before: a replay (201) or another task's key (422)
     number = _task_number(request.tid)
     if number is None:
         return 404
@@ -272,15 +278,40 @@ def expected_status(request: Fuzzed, live: set[int]) -> int | None:
         status = status or _fields_status(payload, partial=True)
     elif request.route == "complete":
         status, payload = _body_status(request, required=False)
-        if not status and payload is not None:
-            status = 0 if isinstance(payload.get("completed", None), bool) else 422
+        if not status and payload is not None and "completed" in payload:
+            status = 0 if isinstance(payload["completed"], bool) else 422  # without it, a flip
     else:
         status = 0
     if status:
         return status
     if number not in live:
         return 404
-    return 204 if request.method == "DELETE" else 200
+    conditional = _conditional_status(request)
+    if conditional == 0:
+        return None
+    return conditional or (204 if request.method == "DELETE" else 200)
+
+
+def _header(request: Fuzzed, name: str) -> str | None:
+    """A header as the service reads it: its lines joined into one list (", "), or None."""
+    values = [value.strip(" \t") for header, value in request.headers if header.lower() == name.lower()]
+    return ", ".join(values) if values else None
+
+
+def _conditional_status(request: Fuzzed) -> int | None:
+    """412 or 304 for an existing task when If-Match / If-None-Match decide it without its version (*, a
+    weak tag for If-Match); 0 when they name a version, which only the service knows; None when neither
+    applies (the request's own status stands)."""
+    if_match, if_none_match = _header(request, "If-Match"), _header(request, "If-None-Match")
+    reading = request.method in ("GET", "HEAD") and request.route == "item"
+    if if_match is not None and if_match.strip() != "*":
+        weak_only = all(tag.strip().startswith("W/") for tag in if_match.split(","))
+        return 412 if weak_only else 0  # a weak tag never matches; a strong one may
+    if if_none_match is not None:
+        if if_none_match.strip() == "*":
+            return 304 if reading else 412
+        return 0
+    return None
 
 
 # --- the grammar -------------------------------------------------------------------------------
@@ -693,6 +724,12 @@ def requests(draw: Any, tokens: Tokens, live: list[int], foreign: list[int]) -> 
                     ("Connection", "keep-alive"),
                     ("Range", "bytes=0-10"),
                     ("If-None-Match", "*"),
+                    ("If-None-Match", '"1"'),
+                    ("If-Match", "*"),
+                    ("If-Match", '"1"'),
+                    ("If-Match", 'W/"1"'),
+                    ("Idempotency-Key", "fuzz-key"),
+                    ("Idempotency-Key", "k" * 256),
                     ("Accept-Language", "ä" * 50),
                 ]
             ),
@@ -816,13 +853,13 @@ def check_response(request: Fuzzed, reply: Reply, expected: int | None, spec: di
     if expected is not None and reply.status != expected:
         problems.append(f"status {reply.status}, the API's rules say {expected}")
     content_type = reply.content_type
-    html_page = request.route == "docs" and request.method in ("GET", "HEAD") and reply.status == 200
-    empty_ok = request.method in ("HEAD", "OPTIONS") or reply.status == 204
+    html_page = request.route == "docs" and request.method in ("GET", "HEAD") and reply.status in (200, 206)
+    empty_ok = request.method in ("HEAD", "OPTIONS") or reply.status in (204, 304)
     if html_page:
         if not content_type.startswith("text/html"):
             problems.append(f"/docs answered {content_type!r}")
-    elif reply.status == 204 and not reply.body and content_type in ("", "application/json"):
-        pass  # No Content: no body, and so no content type needed
+    elif reply.status in (204, 304) and not reply.body and content_type in ("", "application/json"):
+        pass  # No Content, Not Modified: no body, and so no content type needed
     elif not content_type.startswith("application/json"):
         problems.append(f"content type {content_type!r}")
     elif reply.body or not empty_ok:
