@@ -18,7 +18,7 @@ from flask.typing import ResponseReturnValue
 
 SECRET = os.environ["BETTER_AUTH_SECRET"]
 DSN = os.environ["DATABASE_URL"]
-COLUMNS = "id, user_id, title, description, completed, created_at, updated_at"
+COLUMNS = "id, user_id, title, description, completed, created_at, updated_at, version"
 ORDER = {"created": "created_at", "updated": "updated_at", "title": "title"}
 
 app = Flask(__name__)
@@ -65,6 +65,7 @@ def _task(row: Any) -> dict[str, Any]:
         "completed": row[4],
         "created_at": _iso(row[5]),
         "updated_at": _iso(row[6]),
+        "version": row[7],
     }
 
 
@@ -127,7 +128,7 @@ def list_tasks(user_id: str) -> ResponseReturnValue:
         params + [int(args["limit"]), int(args.get("offset", 0))],
     )
     response = jsonify([_task(row) for row in rows])
-    response.headers["X-Total-Count"] = str(rows[0][7] if rows else 0)
+    response.headers["X-Total-Count"] = str(rows[0][8] if rows else 0)
     return response
 
 
@@ -144,7 +145,7 @@ def create_task(user_id: str) -> ResponseReturnValue:
         f"VALUES (%s, %s, %s, false, now(), now()) RETURNING {COLUMNS}",
         (user_id, body["title"].strip(), description.strip() if description else description),
     )
-    return jsonify(_task(row)), 201, {"Location": f"/api/{user_id}/tasks/{row[0]}"}
+    return jsonify(_task(row)), 201, {"Location": f"/api/{user_id}/tasks/{row[0]}", "ETag": f'"{row[7]}"'}
 
 
 @app.get("/api/<user_id>/tasks/<int:task_id>")
@@ -154,17 +155,17 @@ def get_task(user_id: str, task_id: int) -> ResponseReturnValue:
     if denied:
         return denied
     row = _one(f"SELECT {COLUMNS} FROM tasks WHERE id = %s AND user_id = %s", (task_id, user_id))
-    return jsonify(_task(row)) if row else _error(404, "Task not found.")
+    return (jsonify(_task(row)), 200, {"ETag": f'"{row[7]}"'}) if row else _error(404, "Task not found.")
 
 
 def _update(user_id: str, task_id: int, assignments: str, params: Any) -> ResponseReturnValue:
     """One UPDATE of a task of the user's; the task as it is now, or 404."""
     row = _one(
-        f"UPDATE tasks SET {assignments}, updated_at = clock_timestamp() "
+        f"UPDATE tasks SET {assignments}, version = version + 1, updated_at = clock_timestamp() "
         f"WHERE id = %s AND user_id = %s RETURNING {COLUMNS}",
         (*params, task_id, user_id),
     )
-    return jsonify(_task(row)) if row else _error(404, "Task not found.")
+    return (jsonify(_task(row)), 200, {"ETag": f'"{row[7]}"'}) if row else _error(404, "Task not found.")
 
 
 @app.route("/api/<user_id>/tasks/<int:task_id>", methods=["PUT", "PATCH"])
