@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -15,6 +14,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKeyConstraint,
     Index,
+    Insert,
     Integer,
     MetaData,
     Row,
@@ -27,6 +27,7 @@ from sqlalchemy import (
     delete,
     exists,
     func,
+    insert,
     literal_column,
     select,
     text,
@@ -198,13 +199,11 @@ def insert_task(dialect: str) -> Any:
     One statement either way. Every writable field is bound (v_<field>), so a new field changes no view.
     ON CONFLICT on (user_id, idempotency_key) returns the existing task instead of a second one
     (concurrent requests with one key included: the unique index makes them wait for the first), and
-    `inserted` tells the two apart. No row comes back
-    when the user already has max_tasks (and no task has this key): the count is a subquery of the same
-    statement, so creates running at the same time may each see room for one more, and a user can
-    overshoot by at most that many. A key that is NULL never conflicts.
+    `inserted` tells the two apart. No row comes back when the user already has max_tasks (and no task
+    has this key): the count is a subquery of the same statement, so creates running at the same time
+    may each see room for one more, and a user can overshoot by at most that many. A key that is NULL
+    never conflicts.
     """
-    # Only the dialect in use is imported: each dialect's package is memory in every worker.
-    dialect_insert = importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert
     owner = bindparam("owner", type_=TASKS.c.user_id.type)
     key = bindparam("idempotency_key", type_=TASKS.c.idempotency_key.type)
     now = WrittenAt(for_update=False)
@@ -219,11 +218,10 @@ def insert_task(dialect: str) -> Any:
     tasks_of_owner = select(func.count()).select_from(TASKS).where(TASKS.c.user_id == owner).scalar_subquery()
     key_used = exists().where(TASKS.c.user_id == owner, TASKS.c.idempotency_key == key)
     new_row = select(*values.values()).where((tasks_of_owner < bindparam("max_tasks")) | key_used)
-    statement = dialect_insert(TASKS).from_select(list(values), new_row)
-    statement = statement.on_conflict_do_update(
-        index_elements=["user_id", "idempotency_key"],
-        index_where=TASKS.c.idempotency_key.is_not(None),
-        set_={"idempotency_key": statement.excluded.idempotency_key},
+    statement = _on_conflict(
+        insert(TASKS).from_select(list(values), new_row),
+        "ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL"
+        " DO UPDATE SET idempotency_key = excluded.idempotency_key",
     )
     # PostgreSQL: a row this statement inserted has no xmax; one its ON CONFLICT updated has (exact, even
     # for two creates in one microsecond). SQLite has no xmax, and writes one at a time: a new row's
@@ -345,5 +343,15 @@ def register_user(users: Table, dialect: str) -> Any:
         "name": bindparam("name"),
         "created_at": WrittenAt(for_update=False),
     }
-    dialect_insert = importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert  # only the one in use
-    return dialect_insert(users).values(**values).on_conflict_do_nothing(index_elements=["id"])
+    return _on_conflict(insert(users).values(**values), "ON CONFLICT (id) DO NOTHING")
+
+
+def _on_conflict(statement: Insert, clause: str) -> Insert:
+    """The INSERT followed by an ON CONFLICT clause, written as SQL that PostgreSQL and SQLite both speak.
+
+    Not the dialects' own insert(): SQLAlchemy 2.0 gives it no cache key (sqlalchemy#10445), so every
+    execution compiled the statement again. The clause goes where theirs goes (the standard INSERT's
+    post-values clause, part of its cache key); tests pin that both upserts are cached.
+    """
+    statement._post_values_clause = text(clause)
+    return statement

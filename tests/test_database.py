@@ -329,6 +329,36 @@ def test_each_request_is_one_statement(app: Any, as_user: Any, new_task: Any) ->
     assert not any(s.strip().upper().startswith(("BEGIN", "COMMIT", "ROLLBACK", "SELECT 1")) for s in statements)
 
 
+def test_every_statement_a_view_runs_is_compiled_once(app: Any, as_user: Any, new_task: Any) -> None:
+    # A statement without a cache key is compiled by SQLAlchemy at every execution (the dialects' own
+    # insert() with ON CONFLICT is one: sqlalchemy#10445); the second run of each request must hit the cache.
+    engine = app.extensions["db"].engine
+    outcomes: list[tuple[str, Any]] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def record(_conn: Any, _cursor: Any, statement: str, _params: Any, context: Any, _many: Any) -> None:
+        outcomes.append((statement.split()[0], context.cache_hit))
+
+    def requests(run: int) -> None:
+        user = f"cache-user-{run}"  # a new user each run: the users upsert runs too
+        task = as_user("post", json={"title": "t"}, headers={"Idempotency-Key": f"k{run}"}, user=user).get_json()
+        path = f"/tasks/{task['id']}"
+        as_user("post", json={"title": "t"}, headers={"Idempotency-Key": f"k{run}"}, user=user)
+        as_user("post", json={"title": "plain"}, user=user)
+        as_user("get", user=user)
+        as_user("get", "/tasks?limit=5&status=pending&sort=title", user=user)
+        as_user("get", path, user=user)
+        as_user("put", path, json={"title": "u"}, headers={"If-Match": '"1"'}, user=user)
+        as_user("patch", f"{path}/complete", user=user)
+        as_user("put", path, json={"title": "v"}, headers={"If-Match": '"1"'}, user=user)  # a 412: two statements
+        as_user("delete", path, user=user)
+
+    requests(1)
+    outcomes.clear()
+    requests(2)
+    assert outcomes and all(hit == engine.dialect.CACHE_HIT for _, hit in outcomes), outcomes
+
+
 @postgres_only
 def test_terminated_idle_connection_is_replaced_without_error(app: Any, as_user: Any, new_task: Any) -> None:
     new_task("before")
