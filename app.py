@@ -467,7 +467,7 @@ def create_task(user_id: str) -> tuple[Response, int, dict[str, str]]:
 @api.get("/tasks/<task_id>")
 @require_owner
 def get_task(user_id: str, task_id: str) -> Response:
-    """Return one of the user's tasks; 304 when the client's If-None-Match names its ETag."""
+    """Return one of the user's tasks: 412 when If-Match names another version, 304 when If-None-Match names its own."""
     task = _found(db.run(models.GET_TASK, {"task_id": _task_number(task_id), "owner": user_id}))
     match = if_match(request.headers.get("If-Match"))
     if match is not None and not match.holds_for(task.version):

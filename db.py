@@ -49,7 +49,7 @@ class Database:
 
     engine: Engine
     schema: SchemaState
-    # The create's statement, in its database's dialect (its ON CONFLICT is written per dialect).
+    # The create's statement for its database (PostgreSQL and SQLite tell an insert from a replay apart differently).
     insert_task: Executable
     known_users: set[str] = field(default_factory=set)
 
