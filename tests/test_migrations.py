@@ -62,7 +62,7 @@ def test_a_database_of_the_release_before_migrations_is_stamped_and_upgraded_wit
     database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     dialect = "postgresql" if ON_POSTGRES else "sqlite"
-    execute_script(database_url, (FIXTURES / f"release-before-migrations.{dialect}.sql").read_text())
+    execute_script(database_url, (FIXTURES / f"release-before-migrations-{dialect}.sql").read_text())
     execute_script(
         database_url,
         "INSERT INTO users (id, created_at) VALUES ('alice', CURRENT_TIMESTAMP), ('bob', CURRENT_TIMESTAMP);\n"
