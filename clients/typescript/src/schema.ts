@@ -188,7 +188,7 @@ export interface paths {
         };
         /**
          * A file of the docs page
-         * @description The page's script (`docs.js`) and Swagger UI's files (`swagger-ui.css`, `swagger-ui-bundle.js`, `favicon-32x32.png`, `favicon-16x16.png`); any other name is a 404. Revalidated after an hour (`ETag`, `Last-Modified`).
+         * @description The page's script (`docs.js`) and Swagger UI's files (`swagger-ui.css`, `swagger-ui-bundle.js`, `favicon-32x32.png`, `favicon-16x16.png`); any other name is a 404. Kept for an hour; always sent whole (no conditional or range answers).
          */
         get: operations["docsFile"];
         put?: never;
@@ -570,7 +570,7 @@ export interface components {
         "Idempotent-Replayed": "true";
         /** @description The docs' policy: scripts, styles, images and requests from this origin only (inline styles allowed, which Swagger UI uses), no framing. */
         "Content-Security-Policy": string;
-        /** @description The docs' files may be kept for an hour, then revalidated (`ETag`, `Last-Modified`). */
+        /** @description The docs' files may be kept for an hour. */
         "Cache-Control-docs": "public, max-age=3600";
     };
     pathItems: never;
